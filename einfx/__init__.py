@@ -1,0 +1,11 @@
+"""einfx: structured einsum linear layers as a compiler pass for PyTorch models.
+
+See README.md for the three entry points (Python, command line, ONNX deployment).
+"""
+
+from einfx import errors
+from einfx.structures import Cost, EinsumLinear, Structure, Taxonomy, param_groups, taxonomy
+
+__version__ = "0.1.0"
+
+__all__ = ["Structure", "EinsumLinear", "Cost", "Taxonomy", "taxonomy", "param_groups", "errors"]

@@ -1,0 +1,82 @@
+"""Integer factorization of a layer dimension into the sizes that a θ target asks for.
+
+SPEC §1: a side of dimension n with exponents (θ1, θ2, θ3) summing to 1 wants sizes n^θi. Real sizes are
+integers whose product m is n (exact) or slightly larger (the input is zero-padded, the output truncated).
+We score every candidate by its distance to the target in log space, relative to log n, plus a penalty
+proportional to the padding, and refuse candidates whose relative padding exceeds the tolerance.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+__all__ = ["factor_side", "PADDING_WEIGHT"]
+
+# How much one unit of relative padding costs against one unit of relative log distance. Padding wastes
+# compute and memory in proportion, so a padded factorization must be clearly closer to the target.
+PADDING_WEIGHT = 10.0
+
+
+def _divisors(m: int) -> list[int]:
+    small, large = [], []
+    i = 1
+    while i * i <= m:
+        if m % i == 0:
+            small.append(i)
+            if i * i != m:
+                large.append(m // i)
+        i += 1
+    return small + large[::-1]
+
+
+def _splits(m: int, slots: int) -> list[tuple[int, ...]]:
+    """All ordered ways to write m as a product of `slots` positive integers."""
+    if slots == 1:
+        return [(m,)]
+    out = []
+    for d in _divisors(m):
+        for rest in _splits(m // d, slots - 1):
+            out.append((d,) + rest)
+    return out
+
+
+def _distance(sizes: tuple[int, ...], targets: tuple[float, ...], log_n: float) -> float:
+    return math.sqrt(sum((math.log(s) - t) ** 2 for s, t in zip(sizes, targets))) / log_n
+
+
+@lru_cache(maxsize=4096)
+def factor_side(n: int, thetas: tuple[float, ...], tolerance: float) -> tuple[tuple[int, ...], int, float] | None:
+    """Factor dimension ``n`` into ``len(thetas)`` integer sizes close to ``n ** theta``.
+
+    Args:
+        n: the dimension (≥ 1).
+        thetas: the exponents, one per slot, summing to 1. A zero exponent always gets size 1.
+        tolerance: the largest relative padding (m - n) / n allowed.
+
+    Returns:
+        ``(sizes, m, distance)`` with ``prod(sizes) == m >= n``, or ``None`` when no candidate within the
+        tolerance exists. Ties go to the exact factorization, then to the lexicographically largest sizes.
+    """
+    active = [i for i, t in enumerate(thetas) if t > 0]
+    if n == 1 or not active:
+        return (tuple(1 for _ in thetas), 1, 0.0) if n == 1 else None
+    log_n = math.log(n)
+    targets = tuple(thetas[i] * log_n for i in active)
+    best: tuple[float, tuple[int, ...], int, float] | None = None
+    m_max = math.floor(n * (1.0 + tolerance) + 1e-9)
+    for m in range(n, m_max + 1):
+        pad = (m - n) / n
+        if best is not None and PADDING_WEIGHT * pad > best[0]:
+            break  # no larger m can beat the best score found so far
+        for split in _splits(m, len(active)):
+            dist = _distance(split, targets, log_n)
+            score = dist + PADDING_WEIGHT * pad
+            if best is None or score < best[0] - 1e-12 or (abs(score - best[0]) <= 1e-12 and split > best[1] and m == best[2]):
+                best = (score, split, m, dist)
+    if best is None:
+        return None
+    sizes = [1] * len(thetas)
+    for i, s in zip(active, best[1]):
+        sizes[i] = s
+    return tuple(sizes), best[2], best[3]

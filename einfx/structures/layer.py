@@ -1,0 +1,162 @@
+"""`EinsumLinear`: the nn.Module of a structured linear layer (drop-in for nn.Linear)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from einfx.errors import ShapeError, WeightError
+from einfx.structures import functional as Fn
+from einfx.structures.init import init_cores_
+from einfx.structures.sizes import ORDERS, Sizes
+from einfx.structures.structure import Structure
+
+__all__ = ["EinsumLinear", "Cost", "check_weight"]
+
+INITS = ("project", "random")
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Exact parameter count (cores + bias) and FLOPs (2 × multiply-adds) for a number of tokens."""
+
+    params: int
+    flops: int
+
+
+def check_weight(weight: torch.Tensor, name: str | None = None) -> None:
+    """Raise `WeightError` unless ``weight`` is a finite 2-D floating tensor."""
+    where = f"layer {name!r}: " if name else ""
+    if not isinstance(weight, torch.Tensor):
+        raise WeightError(f"{where}weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise WeightError(f"{where}weight must be 2-D (d_out, d_in), got shape {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise WeightError(f"{where}weight must be floating point, got {weight.dtype}")
+    bad = (~torch.isfinite(weight)).sum().item()
+    if bad:
+        nan = torch.isnan(weight).sum().item()
+        raise WeightError(
+            f"{where}weight of shape {tuple(weight.shape)} has {bad} non-finite entries ({nan} NaN, "
+            f"{bad - nan} Inf); fix or retrain the weight before converting it"
+        )
+
+
+class EinsumLinear(nn.Module):
+    """A linear layer whose weight is a two-core einsum structure (SPEC §1).
+
+    Args:
+        d_in: input features.
+        d_out: output features.
+        structure: a `Structure` (or anything `Structure.from_dict` accepts).
+        bias: whether to add a learnable bias.
+        zero_init_last: zero the last core at init (output projections of residual branches).
+        name: the layer's name in its model, used in error messages.
+
+    The forward pass takes (..., d_in) and returns (..., d_out), in float32, float16 or bfloat16.
+    ``order`` is the contraction order used ("xab", "xba" or "fold"); a planner may change it.
+    """
+
+    def __init__(self, d_in: int, d_out: int, structure, bias: bool = True, *, zero_init_last: bool = False,
+                 name: str | None = None, device=None, dtype=None):
+        super().__init__()
+        self.structure = Structure.from_dict(structure)
+        self.sizes: Sizes = self.structure.resolve(d_in, d_out, layer=name)
+        self.in_features, self.out_features = d_in, d_out
+        self.name = name
+        self.order = "fold" if self.sizes.dense else self.sizes.best_token_order()
+        self.projection_error: float | None = None
+        factory = {"device": device, "dtype": dtype}
+        if self.sizes.dense:
+            self.weight = nn.Parameter(torch.empty(d_out, d_in, **factory))
+        else:
+            self.A = nn.Parameter(torch.empty(self.sizes.a_shape, **factory))
+            self.B = nn.Parameter(torch.empty(self.sizes.b_shape, **factory))
+        self.bias = nn.Parameter(torch.zeros(d_out, **factory)) if bias else None
+        init_cores_(self.cores(), self.sizes, zero_last=zero_init_last)
+
+    # -- structure --------------------------------------------------------------------------------
+    def cores(self) -> dict[str, nn.Parameter]:
+        """The weight cores by name: {"A", "B"} or {"weight"} for dense."""
+        return {"weight": self.weight} if self.sizes.dense else {"A": self.A, "B": self.B}
+
+    def set_order(self, order: str) -> None:
+        if order not in ORDERS:
+            raise ValueError(f"unknown contraction order {order!r}; valid: {', '.join(ORDERS)}")
+        self.order = order
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ShapeError(
+                f"layer {self.name or type(self).__name__}: input has {x.shape[-1]} features in its last "
+                f"dimension (shape {tuple(x.shape)}), expected d_in = {self.in_features}"
+            )
+        if self.sizes.dense:
+            y = torch.matmul(x, self.weight.t())
+        else:
+            y = Fn.contract(x, self.A, self.B, self.sizes, self.order)
+        return y + self.bias if self.bias is not None else y
+
+    @torch.no_grad()
+    def to_dense(self) -> torch.Tensor:
+        """The dense weight (d_out, d_in), same convention as ``nn.Linear.weight``."""
+        if self.sizes.dense:
+            return self.weight.detach().clone()
+        return Fn.fold(self.A, self.B, self.sizes).detach()
+
+    def cost(self, tokens: int = 1) -> Cost:
+        """Exact parameters and FLOPs of a forward pass over ``tokens`` input vectors in the current order."""
+        s = self.sizes
+        params = s.params + (self.out_features if self.bias is not None else 0)
+        if s.dense:
+            flops = 2 * tokens * s.d_in * s.d_out
+        elif self.order == "fold":
+            flops = 2 * s.fold_macs() + 2 * tokens * s.in_padded * s.out_padded
+        else:
+            flops = 2 * tokens * s.macs_per_token(self.order)
+        return Cost(params=params, flops=flops)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_features} -> {self.out_features}, structure={self.structure.name}, "
+                f"sizes=[{self.sizes.describe()}], order={self.order}, bias={self.bias is not None}")
+
+    # -- construction from dense ------------------------------------------------------------------
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, structure, init: str = "project", *,
+                    name: str | None = None, zero_init_last: bool = False) -> "EinsumLinear":
+        """Build from a dense weight (d_out, d_in) and optional bias, keeping device and dtype.
+
+        ``init="project"`` fits the cores to the weight (SPEC §3) and records ``projection_error``
+        (relative Frobenius error); ``init="random"`` uses the spectral μP init and copies only the bias.
+        """
+        if init not in INITS:
+            raise ValueError(f"layer {name!r}: unknown init {init!r}; valid: {', '.join(INITS)}")
+        check_weight(weight, name)
+        d_out, d_in = weight.shape
+        if bias is not None and tuple(bias.shape) != (d_out,):
+            raise WeightError(f"layer {name!r}: bias has shape {tuple(bias.shape)}, expected ({d_out},)")
+        layer = cls(d_in, d_out, structure, bias=bias is not None, name=name, zero_init_last=zero_init_last,
+                    device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            if bias is not None:
+                layer.bias.copy_(bias)
+            if init == "project":
+                from einfx.structures.projection import project
+
+                result = project(weight.detach(), layer.structure, layer.sizes, name=name)
+                for key, core in result.cores.items():
+                    getattr(layer, key).copy_(core)
+                layer.projection_error = float(result.rel_error)
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, structure, init: str = "project", *, name: str | None = None,
+                    zero_init_last: bool = False) -> "EinsumLinear":
+        """Build from an ``nn.Linear`` (or any module with a 2-D ``weight`` (d_out, d_in) and ``bias``)."""
+        weight = getattr(linear, "weight", None)
+        if weight is None:
+            raise WeightError(f"layer {name!r}: {type(linear).__name__} has no 'weight' to convert")
+        return cls.from_weight(weight, getattr(linear, "bias", None), structure, init, name=name,
+                               zero_init_last=zero_init_last)
