@@ -59,6 +59,15 @@ class EinsumLinear(nn.Module):
     ``order`` is the contraction order used ("xab", "xba" or "fold"); a planner may change it.
     """
 
+    def __new__(cls, *args, **kwargs):
+        # EinsumLinear(d_in, d_out, Structure.btt_moe(...)) builds the BTT-MoE subclass (einfx.moe).
+        structure = args[2] if len(args) > 2 else kwargs.get("structure")
+        if cls is EinsumLinear and structure is not None and Structure.from_dict(structure).kind == "btt_moe":
+            from einfx.moe.layer import BTTMoELinear
+
+            cls = BTTMoELinear
+        return super().__new__(cls)
+
     def __init__(self, d_in: int, d_out: int, structure, bias: bool = True, *, zero_init_last: bool = False,
                  name: str | None = None, device=None, dtype=None):
         super().__init__()

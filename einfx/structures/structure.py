@@ -16,7 +16,7 @@ from einfx.structures.sizes import Sizes
 
 __all__ = ["Structure", "KINDS", "DEFAULT_TOLERANCE"]
 
-KINDS = ("dense", "low_rank", "kronecker", "tensor_train", "btt", "monarch", "theta")
+KINDS = ("dense", "low_rank", "kronecker", "tensor_train", "btt", "monarch", "theta", "btt_moe")
 DEFAULT_TOLERANCE = 0.15
 _THETA_NAMES = ("α", "β", "γ", "δ", "ε", "φ", "ρ")
 _EPS = 1e-9
@@ -29,6 +29,7 @@ _NAMED_THETA = {
     "tensor_train": (0.5, 0.5, 0.0, 0.5, 0.5, 0.0, 0.0),
     "btt": (0.5, 0.0, 0.5, 0.0, 0.5, 0.5, 0.0),
     "monarch": (0.5, 0.0, 0.5, 0.0, 0.5, 0.5, 0.0),
+    "btt_moe": (0.5, 0.0, 0.5, 0.0, 0.5, 0.5, 0.0),
 }
 
 
@@ -74,6 +75,8 @@ class Structure:
         rank: explicit rank (d_ρ) for low_rank, tensor_train and btt.
         rank_frac: rank as a fraction of min(d_in, d_out), for low_rank.
         theta: the θ 7-tuple, for kind ``"theta"``.
+        experts: number of experts E, for ``"btt_moe"`` (the BTT rank index ρ is the expert index).
+        k: experts active per token, for ``"btt_moe"``.
         tolerance: the largest relative padding of either side before a size is refused.
     """
 
@@ -81,6 +84,8 @@ class Structure:
     rank: int | None = None
     rank_frac: float | None = None
     theta: tuple[float, ...] | None = None
+    experts: int | None = None
+    k: int | None = None
     tolerance: float = DEFAULT_TOLERANCE
 
     def __post_init__(self):
@@ -94,6 +99,13 @@ class Structure:
             raise StructureError(f"tolerance must be in [0, 10), got {self.tolerance!r}")
         if self.kind == "theta":
             object.__setattr__(self, "theta", validate_theta(self.theta))
+        if self.kind == "btt_moe":
+            e, k = self.experts, self.k
+            if not isinstance(e, int) or isinstance(e, bool) or e < 1:
+                raise StructureError(f"btt_moe: experts must be an integer >= 1, got {e!r}")
+            if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= e:
+                raise StructureError(f"btt_moe: k must be an integer in 1..experts = 1..{e}, got {k!r}")
+            object.__setattr__(self, "rank", e)
 
     # -- constructors -------------------------------------------------------------------------------
     @classmethod
@@ -131,6 +143,11 @@ class Structure:
         return cls("monarch", rank=1, **kw)
 
     @classmethod
+    def btt_moe(cls, experts: int = 8, k: int = 2, **kw) -> "Structure":
+        """BTT-MoE (SPEC §5): ``experts`` rank-1 BTT experts, ``k`` of them active per token."""
+        return cls("btt_moe", experts=experts, k=k, **kw)
+
+    @classmethod
     def from_theta(cls, theta, **kw) -> "Structure":
         """Any valid point (α, β, γ, δ, ε, φ, ρ) of the θ space."""
         return cls("theta", theta=tuple(theta), **kw)
@@ -144,6 +161,8 @@ class Structure:
             return f"low_rank(rank_frac={self.rank_frac:g})"
         if self.kind in ("low_rank", "tensor_train", "btt"):
             return f"{self.kind}(rank={self.rank})"
+        if self.kind == "btt_moe":
+            return f"btt_moe(experts={self.experts}, k={self.k})"
         return self.kind
 
     def __str__(self) -> str:
@@ -154,7 +173,7 @@ class Structure:
         if self.kind == "theta":
             return self.theta
         base = list(_NAMED_THETA[self.kind])
-        if self.kind in ("low_rank", "tensor_train", "btt", "monarch"):
+        if self.kind in ("low_rank", "tensor_train", "btt", "monarch", "btt_moe"):
             r = self._rank_value(d_in, d_out)
             base[6] = math.log(r) / math.log(min(d_in, d_out)) if min(d_in, d_out) > 1 else 0.0
         return tuple(base)
@@ -219,9 +238,9 @@ class Structure:
     # -- (de)serialization for policies and reports -------------------------------------------------
     def to_dict(self) -> dict:
         out: dict = {"kind": self.kind}
-        for key in ("rank", "rank_frac", "theta"):
+        for key in ("rank", "rank_frac", "theta", "experts", "k"):
             value = getattr(self, key)
-            if value is not None and not (self.kind == "monarch" and key == "rank"):
+            if value is not None and not (self.kind in ("monarch", "btt_moe") and key == "rank"):
                 out[key] = list(value) if key == "theta" else value
         if self.tolerance != DEFAULT_TOLERANCE:
             out["tolerance"] = self.tolerance
@@ -248,6 +267,7 @@ class Structure:
         builders = {
             "dense": cls.dense, "low_rank": cls.low_rank, "kronecker": cls.kronecker,
             "tensor_train": cls.tensor_train, "btt": cls.btt, "monarch": cls.monarch, "theta": cls.from_theta,
+            "btt_moe": cls.btt_moe,
         }
         if kind not in builders:
             raise StructureError(f"unknown structure {kind!r}; valid: {', '.join(builders)}")

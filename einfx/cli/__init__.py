@@ -1,0 +1,1 @@
+"""The ``einfx`` command line: demo, explain, convert."""
