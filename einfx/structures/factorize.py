@@ -2,8 +2,10 @@
 
 SPEC §1: a side of dimension n with exponents (θ1, θ2, θ3) summing to 1 wants sizes n^θi. Real sizes are
 integers whose product m is n (exact) or slightly larger (the input is zero-padded, the output truncated).
-We score every candidate by its distance to the target in log space, relative to log n, plus a penalty
-proportional to the padding, and refuse candidates whose relative padding exceeds the tolerance.
+Exact factorizations are preferred: the closest exact one is taken when its distance to the target (in log
+space, relative to log n) is at most ``EXACT_DISTANCE``. Otherwise every candidate, padded or not, is scored
+by that distance plus a penalty proportional to the padding, and candidates whose relative padding exceeds
+the tolerance are refused.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
-__all__ = ["factor_side", "PADDING_WEIGHT"]
+__all__ = ["factor_side", "PADDING_WEIGHT", "EXACT_DISTANCE"]
 
 # How much one unit of relative padding costs against one unit of relative log distance. Padding wastes
 # compute and memory in proportion, so a padded factorization must be clearly closer to the target.
 PADDING_WEIGHT = 10.0
+# An exact factorization whose sizes are all within a factor n**0.1 of their targets beats any padded one.
+EXACT_DISTANCE = 0.1
 
 
 def _divisors(m: int) -> list[int]:
@@ -65,6 +69,10 @@ def factor_side(n: int, thetas: tuple[float, ...], tolerance: float) -> tuple[tu
     targets = tuple(thetas[i] * log_n for i in active)
     best: tuple[float, tuple[int, ...], int, float] | None = None
     m_max = math.floor(n * (1.0 + tolerance) + 1e-9)
+    exact = min(((_distance(sp, targets, log_n), sp) for sp in _splits(n, len(active))),
+                key=lambda c: (c[0], tuple(-v for v in c[1])))
+    if exact[0] <= EXACT_DISTANCE:
+        return _place(thetas, active, exact[1]), n, exact[0]
     for m in range(n, m_max + 1):
         pad = (m - n) / n
         if best is not None and PADDING_WEIGHT * pad > best[0]:
@@ -76,7 +84,11 @@ def factor_side(n: int, thetas: tuple[float, ...], tolerance: float) -> tuple[tu
                 best = (score, split, m, dist)
     if best is None:
         return None
+    return _place(thetas, active, best[1]), best[2], best[3]
+
+
+def _place(thetas, active, split) -> tuple[int, ...]:
     sizes = [1] * len(thetas)
-    for i, s in zip(active, best[1]):
+    for i, s in zip(active, split):
         sizes[i] = s
-    return tuple(sizes), best[2], best[3]
+    return tuple(sizes)
