@@ -16,6 +16,7 @@ __all__ = [
     "PlanError",
     "ProfileError",
     "ExportError",
+    "ModelSpecError",
 ]
 
 
@@ -61,3 +62,7 @@ class ProfileError(EinfxError, ValueError):
 
 class ExportError(EinfxError, RuntimeError):
     """ONNX export or verification failed."""
+
+
+class ModelSpecError(EinfxError, ValueError):
+    """A model spec (``zoo:NAME``, ``hf:NAME?k=v`` or a weights file) that cannot be parsed, built or loaded."""

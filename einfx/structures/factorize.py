@@ -4,8 +4,9 @@ SPEC §1: a side of dimension n with exponents (θ1, θ2, θ3) summing to 1 want
 integers whose product m is n (exact) or slightly larger (the input is zero-padded, the output truncated).
 Exact factorizations are preferred: the closest exact one is taken when its distance to the target (in log
 space, relative to log n) is at most ``EXACT_DISTANCE``. Otherwise every candidate, padded or not, is scored
-by that distance plus a penalty proportional to the padding, and candidates whose relative padding exceeds
-the tolerance are refused.
+by that distance plus a penalty proportional to the padding. Candidates whose relative padding exceeds the
+tolerance, or whose distance exceeds ``MAX_DISTANCE`` (a different structure in disguise, e.g. a prime n
+"factored" as n x 1), are refused; when none is left the caller raises a clear error.
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
-__all__ = ["factor_side", "PADDING_WEIGHT", "EXACT_DISTANCE"]
+__all__ = ["factor_side", "PADDING_WEIGHT", "EXACT_DISTANCE", "MAX_DISTANCE"]
 
 # How much one unit of relative padding costs against one unit of relative log distance. Padding wastes
 # compute and memory in proportion, so a padded factorization must be clearly closer to the target.
 PADDING_WEIGHT = 10.0
 # An exact factorization whose sizes are all within a factor n**0.1 of their targets beats any padded one.
 EXACT_DISTANCE = 0.1
+# Beyond this distance a factorization no longer has the shape the structure asks for.
+MAX_DISTANCE = 0.3
 
 
 def _divisors(m: int) -> list[int]:
@@ -57,6 +60,7 @@ def factor_side(n: int, thetas: tuple[float, ...], tolerance: float) -> tuple[tu
         n: the dimension (≥ 1).
         thetas: the exponents, one per slot, summing to 1. A zero exponent always gets size 1.
         tolerance: the largest relative padding (m - n) / n allowed.
+        A side with a single active slot always factors exactly (the slot takes n).
 
     Returns:
         ``(sizes, m, distance)`` with ``prod(sizes) == m >= n``, or ``None`` when no candidate within the
@@ -79,6 +83,8 @@ def factor_side(n: int, thetas: tuple[float, ...], tolerance: float) -> tuple[tu
             break  # no larger m can beat the best score found so far
         for split in _splits(m, len(active)):
             dist = _distance(split, targets, log_n)
+            if dist > MAX_DISTANCE:
+                continue
             score = dist + PADDING_WEIGHT * pad
             if best is None or score < best[0] - 1e-12 or (abs(score - best[0]) <= 1e-12 and split > best[1] and m == best[2]):
                 best = (score, split, m, dist)

@@ -36,7 +36,7 @@ def param_groups(model: nn.Module, lr: float, optimizer: str = "adam") -> list[d
         mults = lr_multipliers(module.sizes, optimizer)
         for core_name, param in module.cores().items():
             mult_of[id(param)] = mults[core_name]
-        for extra in getattr(module, "extra_lr_multipliers", lambda: {})().items():
+        for extra in getattr(module, "extra_lr_multipliers", lambda _optimizer: {})(optimizer).items():
             mult_of[id(extra[0])] = extra[1]
     groups: dict[float, dict] = {}
     seen: set[int] = set()

@@ -208,10 +208,10 @@ class Structure:
         for side, n, got, ths in (("input", d_in, ins, theta[0:3]), ("output", d_out, outs, theta[3:6])):
             if got is None:
                 raise ShapeError(
-                    f"{where}{self.name} cannot factor the {side} dimension {n} into sizes near "
-                    f"{tuple(round(n ** t, 2) for t in ths)} within the padding tolerance {self.tolerance:g} "
-                    f"(relative padding of at most {self.tolerance:.0%}); raise the tolerance, or choose "
-                    "another structure for this layer"
+                    f"{where}{self.name} cannot factor the {side} dimension {n} of a {d_in}->{d_out} layer into "
+                    f"sizes near {tuple(round(n ** t, 2) for t in ths)} (θ {ths}) within the padding tolerance "
+                    f"{self.tolerance:g} (at most {self.tolerance:.0%} zero padding); raise the structure's "
+                    "tolerance, exclude this layer, or choose another structure for it"
                 )
         (a, b, g), (d, e, f) = ins[0], outs[0]
         if self.kind == "theta":

@@ -1,0 +1,82 @@
+"""Which compute path a BTT-MoE layer runs, from a small FLOPs + bytes cost model (SPEC §5).
+
+Two paths give the same outputs:
+    masked: x·A for all E experts (one GEMM), scale the ρ slices of the intermediate by the (N, E) routing
+            matrix, then ·B for all E experts (one GEMM). FLOPs grow with E.
+    sparse: gather the k selected experts' slices of A and B per token and contract only those (batched
+            matrix-vector products). FLOPs grow with k, but every gathered weight is used by one token only,
+            so the path is bound by memory traffic.
+
+``choose_path`` scores both with ``seconds = flops / rate + bytes / bandwidth`` using the constants of a
+`PathProfile`. This is the one place to point at a calibrated device model (einfx.planning) later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from einfx.structures.sizes import Sizes
+
+__all__ = ["PATHS", "PathProfile", "PathCost", "CPU_PROFILE", "path_costs", "choose_path", "NOMINAL_TOKENS"]
+
+PATHS = ("masked", "sparse")
+# Token count assumed when it is unknown (symbolic batch while exporting): a typical training/inference batch.
+NOMINAL_TOKENS = 1024
+
+
+@dataclass(frozen=True)
+class PathProfile:
+    """Device rates for the two paths.
+
+    Attributes:
+        gemm_flops: FLOP/s of a large batched GEMM (the masked path).
+        matvec_flops: FLOP/s of many small batched matrix-vector products (the sparse path).
+        bandwidth: bytes/s of memory traffic (gathers, intermediates).
+    """
+
+    gemm_flops: float
+    matvec_flops: float
+    bandwidth: float
+
+
+# Rough two-core CPU figures (float32); bench/moe.py prints the measured times next to the choice.
+CPU_PROFILE = PathProfile(gemm_flops=60e9, matvec_flops=8e9, bandwidth=8e9)
+
+
+@dataclass(frozen=True)
+class PathCost:
+    """Estimated cost of one path for a number of tokens (core contractions only, gate excluded)."""
+
+    path: str
+    flops: int
+    bytes: int
+    seconds: float
+
+
+def path_costs(sizes: Sizes, k: int, tokens: int, dtype_bytes: int = 4,
+               profile: PathProfile = CPU_PROFILE) -> dict[str, PathCost]:
+    """{path: PathCost} for ``tokens`` tokens of a BTT-MoE layer with E = sizes.rho experts, k active."""
+    s, n, e = sizes, tokens, sizes.rho
+    per_expert_macs = s.macs_per_token("xab") // e
+    core_elems = (s.phi * s.delta * s.gamma * s.alpha + s.phi * s.epsilon * s.gamma * s.beta)  # one expert
+    inter = s.gamma * s.beta * s.phi * s.delta  # intermediate elements per token and expert
+    io = n * (s.in_padded + s.out_padded)
+    masked_flops = 2 * n * e * per_expert_macs
+    # cores read once; the intermediate is written, scaled (read + write) and read again
+    masked_bytes = dtype_bytes * (e * core_elems + io + 4 * n * e * inter)
+    sparse_flops = 2 * n * k * per_expert_macs
+    # gathered core slices are written and read back; x is repeated k times
+    sparse_bytes = dtype_bytes * (2 * n * k * core_elems + io + n * k * s.in_padded + 4 * n * k * inter)
+    return {
+        "masked": PathCost("masked", masked_flops, masked_bytes,
+                           masked_flops / profile.gemm_flops + masked_bytes / profile.bandwidth),
+        "sparse": PathCost("sparse", sparse_flops, sparse_bytes,
+                           sparse_flops / profile.matvec_flops + sparse_bytes / profile.bandwidth),
+    }
+
+
+def choose_path(sizes: Sizes, k: int, tokens: int | None = None, dtype_bytes: int = 4,
+                profile: PathProfile = CPU_PROFILE) -> str:
+    """The path with the lower estimated time; ties go to ``masked``. ``tokens=None`` uses NOMINAL_TOKENS."""
+    costs = path_costs(sizes, k, NOMINAL_TOKENS if tokens is None else tokens, dtype_bytes, profile)
+    return "sparse" if costs["sparse"].seconds < costs["masked"].seconds else "masked"
