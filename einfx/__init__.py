@@ -4,8 +4,13 @@ See README.md for the three entry points (Python, command line, ONNX deployment)
 """
 
 from einfx import errors
+from einfx import export
 from einfx.structures import Cost, EinsumLinear, Structure, Taxonomy, param_groups, taxonomy
+from einfx import moe
+from einfx.moe import aux_loss
+from einfx.rewriter import Policy, Rule, explain, optimize
+from einfx.planning import calibrate
 
 __version__ = "0.1.0"
 
-__all__ = ["Structure", "EinsumLinear", "Cost", "Taxonomy", "taxonomy", "param_groups", "errors"]
+__all__ = ["Structure", "EinsumLinear", "Cost", "Taxonomy", "taxonomy", "param_groups", "errors", "Policy", "Rule", "optimize", "explain", "aux_loss", "moe", "calibrate"]

@@ -17,6 +17,7 @@ __all__ = [
     "ProfileError",
     "ExportError",
     "ModelSpecError",
+    "PassError",
 ]
 
 
@@ -66,3 +67,7 @@ class ExportError(EinfxError, RuntimeError):
 
 class ModelSpecError(EinfxError, ValueError):
     """A model spec (``zoo:NAME``, ``hf:NAME?k=v`` or a weights file) that cannot be parsed, built or loaded."""
+
+
+class PassError(EinfxError, RuntimeError):
+    """A graph pass raised or left an invalid graph; the message names the pass, ``__cause__`` keeps the error."""

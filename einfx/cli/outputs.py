@@ -20,14 +20,14 @@ import os
 import re
 import shutil
 import socket
-import tempfile
+import uuid
 from dataclasses import asdict, dataclass
 
 from einfx.errors import EinfxError, ExportError
 
 __all__ = [
     "ONNX_NAME", "REPORT_NAME", "ModelResult", "file_digest", "host_tag", "staging_dir", "publish",
-    "clean_stale", "write_bytes_atomic", "write_json_atomic", "finalize_report", "check_complete",
+    "clean_stale", "remove_path", "write_bytes_atomic", "write_json_atomic", "finalize_report", "check_complete",
     "summary_paths", "write_summary", "summary_markdown", "write_chart",
 ]
 
@@ -111,7 +111,9 @@ def file_digest(path: str) -> tuple[int, str]:
 def write_bytes_atomic(path: str, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path``, fsync it, then ``os.replace`` it into place."""
     folder, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{host_tag()}-{os.getpid()}-", suffix=f"-{name}", dir=folder)
+    tmp = os.path.join(folder, f".tmp-{host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{name}")
+    # os.open with 0o666 honours the umask (mkstemp would make the file private).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -119,7 +121,7 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        _remove(tmp)
+        remove_path(tmp)
         raise
 
 
@@ -140,7 +142,7 @@ def staging_dir(out_dir: str, slug: str) -> str:
     """Create and return a fresh staging directory for ``slug`` owned by this process."""
     path = os.path.join(out_dir, f".tmp-{host_tag()}-{os.getpid()}-{slug}")
     if os.path.lexists(path):
-        _remove(path)
+        remove_path(path)
     os.makedirs(path)
     return path
 
@@ -155,12 +157,12 @@ def publish(staging: str, final: str) -> None:
     if os.path.lexists(final):
         parent, slug = os.path.split(final)
         old = os.path.join(parent, f".old-{host_tag()}-{os.getpid()}-{slug}")
-        _remove(old)
+        remove_path(old)
         os.replace(final, old)
     os.replace(staging, final)
     _fsync_dir(os.path.dirname(final))
     if old:
-        _remove(old)
+        remove_path(old)
 
 
 def clean_stale(out_dir: str) -> list[str]:
@@ -178,7 +180,7 @@ def clean_stale(out_dir: str) -> list[str]:
         parts = name.split("-", 3)
         if len(parts) < 4 or parts[1] != host or not parts[2].isdigit() or _alive(int(parts[2])):
             continue
-        _remove(os.path.join(out_dir, name))
+        remove_path(os.path.join(out_dir, name))
         removed.append(name)
     return removed
 
@@ -195,7 +197,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _remove(path: str) -> None:
+def remove_path(path: str) -> None:
+    """Remove a file or directory tree if it exists."""
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
     elif os.path.lexists(path):
@@ -338,20 +341,26 @@ def summary_markdown(results: list[ModelResult], counts: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _label(spec: str, width: int = 48) -> str:
+    path, at, arch = spec.partition("@")
+    text = f"{os.path.basename(path)}@{arch}" if at else spec
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def write_chart(path: str, results: list[ModelResult]) -> None:
     """A horizontal bar chart of the params and FLOPs saving (%) per converted model, written atomically."""
     # A bare Figure renders PNG through Agg without pyplot, so no global backend is switched.
     from matplotlib.figure import Figure
 
     done = [r for r in results if r.status in ("ok", "skipped")]
-    fig = Figure(figsize=(8, 1.2 + 0.45 * max(1, len(done))), dpi=100)
+    fig = Figure(figsize=(10, 1.2 + 0.45 * max(1, len(done))), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
     if done:
         ys = range(len(done))
         height = 0.4
         ax.barh([y - height / 2 for y in ys], [100 * (r.params_saving or 0.0) for r in done], height, label="params")
         ax.barh([y + height / 2 for y in ys], [100 * (r.flops_saving or 0.0) for r in done], height, label="FLOPs")
-        ax.set_yticks(list(ys), [r.spec for r in done], fontsize=8)
+        ax.set_yticks(list(ys), [_label(r.spec) for r in done], fontsize=8)
         ax.invert_yaxis()
         ax.axvline(0, color="black", linewidth=0.8)
         ax.legend(loc="lower right", fontsize=8)

@@ -146,8 +146,9 @@ def build_model(spec: ModelSpec, tokens: int = 128) -> BuiltModel:
             mismatching weights file.
     """
     if spec.zoo == "file":
+        state = _read_state_dict(spec.name)  # a corrupt file fails before the model is built
         built = build_model(spec.arch, tokens)
-        _load_weights(built.module, spec.name)
+        _load_weights(built.module, state, spec.name)
         return BuiltModel(spec, built.module, built.example_inputs, built.family, built.info)
     builder = {"torchvision": _build_torchvision, "timm": _build_timm, "hf": _build_hf}[spec.zoo]
     module, inputs, family, info = builder(spec, tokens)
@@ -190,9 +191,9 @@ def _parse_file_spec(raw: str, path: str, arch: str | None) -> ModelSpec:
         raise ModelSpecError(
             f"model spec {raw!r}: a weights file needs an architecture, as PATH@SPEC or --arch SPEC "
             "(e.g. weights.safetensors@torchvision:resnet18)")
-    arch_spec = parse_spec(arch)
-    if arch_spec.zoo == "file":
+    if arch.partition("@")[0].lower().endswith(WEIGHT_SUFFIXES):
         raise ModelSpecError(f"model spec {raw!r}: the architecture {arch!r} must be a zoo spec, not a file")
+    arch_spec = parse_spec(arch)
     return ModelSpec("file", path, (), arch_spec)
 
 
@@ -241,6 +242,9 @@ def _build_timm(spec: ModelSpec, tokens: int):
     except (TypeError, ValueError, AssertionError) as exc:
         raise _bad_args(spec, exc) from exc
     size = tuple(getattr(module, "pretrained_cfg", {}).get("input_size", (3, 224, 224)))
+    side = dict(spec.overrides).get("img_size")
+    if isinstance(side, int):  # the pretrained config keeps the default size; the model takes the override
+        size = (dict(spec.overrides).get("in_chans", size[0]), side, side)
     return module, _image_inputs(size), "image", {"input_size": list(size)}
 
 
@@ -263,8 +267,10 @@ def _build_hf(spec: ModelSpec, tokens: int):
     # A config object only: from_pretrained / trust_remote_code are never used, so nothing is fetched or run.
     config = config_class(**dict(spec.overrides))
     config.use_cache = False
-    auto = (transformers.AutoModelForCausalLM if type(config) in transformers.MODEL_FOR_CAUSAL_LM_MAPPING
-            else transformers.AutoModel)
+    # Decoder-only LMs keep their LM head; encoders (also listed for causal LM, e.g. bert) use the base model.
+    causal = (type(config) in transformers.MODEL_FOR_CAUSAL_LM_MAPPING
+              and type(config) not in transformers.MODEL_FOR_MASKED_LM_MAPPING)
+    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     try:
         module = auto.from_config(config, attn_implementation="eager")
     except (TypeError, ValueError, AttributeError) as exc:
@@ -306,8 +312,7 @@ def _read_state_dict(path: str) -> dict:
     return state
 
 
-def _load_weights(module, path: str) -> None:
-    state = _read_state_dict(path)
+def _load_weights(module, state: dict, path: str) -> None:
     expected = module.state_dict()
     # Tied parameters (e.g. an LM head sharing the embedding) are saved once; any alias present is enough.
     by_storage: dict[int, set[str]] = {}

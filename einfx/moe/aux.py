@@ -7,9 +7,22 @@ from torch import nn
 
 from einfx.errors import StructureError
 
-__all__ = ["aux_loss", "REDUCTIONS"]
+__all__ = ["aux_loss", "REDUCTIONS", "AuxLossState"]
 
 REDUCTIONS = ("sum", "mean")
+
+
+class AuxLossState:
+    """Mixin for modules that keep ``last_aux_loss``: copies and pickles drop it.
+
+    The loss of the last forward is a non-leaf tensor tied to that step's autograd graph, which
+    ``copy.deepcopy`` refuses to copy (e.g. for an EMA copy of the model after a training step).
+    """
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["last_aux_loss"] = None
+        return state
 
 
 def aux_loss(model: nn.Module, reduction: str = "sum") -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from einfx.errors import PlanError, ShapeError, StructureError
+from einfx.moe.aux import AuxLossState
 from einfx.moe.routing import load_balancing_loss, route
 from einfx.structures.init import spectral_std
 from einfx.structures.layer import Cost
@@ -30,12 +31,14 @@ ACTIVATIONS = {"gelu": nn.functional.gelu, "relu": nn.functional.relu, "silu": n
 
 
 def _tracing() -> bool:
-    from torch.fx._symbolic_trace import is_fx_tracing
+    from torch.fx import _symbolic_trace as fx_trace
 
-    return torch.compiler.is_compiling() or torch.jit.is_tracing() or is_fx_tracing()
+    # older torch has only is_fx_tracing (which also means symbolic tracing there)
+    symbolic = getattr(fx_trace, "is_fx_symbolic_tracing", None) or fx_trace.is_fx_tracing
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or symbolic()
 
 
-class MoEFeedForward(nn.Module):
+class MoEFeedForward(AuxLossState, nn.Module):
     """Standard MoE feed-forward block: E dense two-layer FFN experts, top-k routing per token.
 
     Args:

@@ -3,9 +3,10 @@
 Two paths give the same outputs:
     masked: x·A for all E experts (one GEMM), scale the ρ slices of the intermediate by the (N, E) routing
             matrix, then ·B for all E experts (one GEMM). FLOPs grow with E.
-    sparse: gather the k selected experts' slices of A and B per token and contract only those (batched
-            matrix-vector products). FLOPs grow with k, but every gathered weight is used by one token only,
-            so the path is bound by memory traffic.
+    sparse: gather the k selected experts' slices of A and B per token and contract only those
+            (broadcast multiply + sum). FLOPs grow with k, but every gathered weight is used by one token
+            only, so the path is bound by memory traffic; it wins at small token counts (decoding) with
+            many experts, where the masked path's cost is reading and permuting all E experts' cores.
 
 ``choose_path`` scores both with ``seconds = flops / rate + bytes / bandwidth`` using the constants of a
 `PathProfile`. This is the one place to point at a calibrated device model (einfx.planning) later.
@@ -30,8 +31,8 @@ class PathProfile:
 
     Attributes:
         gemm_flops: FLOP/s of a large batched GEMM (the masked path).
-        matvec_flops: FLOP/s of many small batched matrix-vector products (the sparse path).
-        bandwidth: bytes/s of memory traffic (gathers, intermediates).
+        matvec_flops: FLOP/s of the sparse path's broadcast multiply + sum.
+        bandwidth: bytes/s of memory traffic.
     """
 
     gemm_flops: float
@@ -62,11 +63,12 @@ def path_costs(sizes: Sizes, k: int, tokens: int, dtype_bytes: int = 4,
     inter = s.gamma * s.beta * s.phi * s.delta  # intermediate elements per token and expert
     io = n * (s.in_padded + s.out_padded)
     masked_flops = 2 * n * e * per_expert_macs
-    # cores read once; the intermediate is written, scaled (read + write) and read again
-    masked_bytes = dtype_bytes * (e * core_elems + io + 4 * n * e * inter)
+    # cores permuted (read + write) and read by the GEMMs; the intermediate is written, scaled (read +
+    # write) and read again
+    masked_bytes = dtype_bytes * (3 * e * core_elems + io + 4 * n * e * inter)
     sparse_flops = 2 * n * k * per_expert_macs
-    # gathered core slices are written and read back; x is repeated k times
-    sparse_bytes = dtype_bytes * (2 * n * k * core_elems + io + n * k * s.in_padded + 4 * n * k * inter)
+    # gathered slices written and read; their products with x (or the intermediate) written and read
+    sparse_bytes = dtype_bytes * (4 * n * k * core_elems + io + 4 * n * k * inter)
     return {
         "masked": PathCost("masked", masked_flops, masked_bytes,
                            masked_flops / profile.gemm_flops + masked_bytes / profile.bandwidth),

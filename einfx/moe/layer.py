@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from einfx.errors import PlanError, ShapeError
+from einfx.moe.aux import AuxLossState
 from einfx.moe.cost import PATHS, choose_path
 from einfx.moe.projection import project_experts
 from einfx.moe.routing import Routing, load_balancing_loss, route
@@ -49,22 +50,21 @@ def _sparse(x2: torch.Tensor, A: torch.Tensor, B: torch.Tensor, idx: torch.Tenso
             ) -> torch.Tensor:
     """Only the k selected experts per token: gather their slices of A and B, contract, weight, sum."""
     n, k = idx.shape
-    f, d, r, g, a, b, e = s.phi, s.delta, s.rho, s.gamma, s.alpha, s.beta, s.epsilon
+    f, d, g, a, b, e = s.phi, s.delta, s.gamma, s.alpha, s.beta, s.epsilon
     flat = idx.reshape(n * k)
-    # per expert, A as (γ, α, φ·δ) and B as (φ, γ·β, ε); gathered per (token, slot)
-    a_sel = A.permute(2, 3, 4, 0, 1).reshape(r, g, a, f * d).index_select(0, flat)  # (N·k, γ, α, φδ)
-    b_sel = B.permute(2, 0, 3, 4, 1).reshape(r, f, g * b, e).index_select(0, flat)  # (N·k, φ, γβ, ε)
-    xk = x2.reshape(n, 1, g, b, a).expand(n, k, g, b, a).reshape(n * k * g, b, a)
-    t = torch.matmul(xk, a_sel.reshape(n * k * g, a, f * d)).reshape(n, k, g, b, f, d)
-    t = t * w.reshape(n, k, 1, 1, 1, 1)
-    # contract (slot, γ, β) together: the sum over the k experts happens inside the matmul
-    t = t.permute(0, 4, 5, 1, 2, 3).reshape(n * f, d, k * g * b)
-    bk = b_sel.reshape(n, k, f, g * b, e).permute(0, 2, 1, 3, 4).reshape(n * f, k * g * b, e)
-    y = torch.matmul(t, bk).reshape(n, f, d, e)
-    return y.permute(0, 1, 3, 2).reshape(n, f * e * d)
+    # Gather along ρ in the stored layout and contract by broadcast-multiply + sum: a gathered slice is
+    # used by one token only (matrix-vector work), and this avoids permuting all E experts' cores or
+    # the gathered copies, which dominated at the small token counts where this path is chosen.
+    a_sel = A.index_select(2, flat).reshape(f, d, n * k, g, 1, a)
+    xk = x2.reshape(n, 1, g, b, a).expand(n, k, g, b, a).reshape(1, 1, n * k, g, b, a)
+    t = (a_sel * xk).sum(dim=-1) * w.reshape(1, 1, n * k, 1, 1)  # (φ, δ, N·k, γ, β)
+    t = t.reshape(f, d, n, k * g * b).permute(0, 2, 1, 3).unsqueeze(1)  # (φ, 1, N, δ, k·γ·β)
+    b_sel = B.index_select(2, flat).reshape(f, e, n, 1, k * g * b)
+    y = (b_sel * t).sum(dim=-1)  # (φ, ε, N, δ): the sum over the k experts is part of this reduction
+    return y.permute(2, 0, 1, 3).reshape(n, f * e * d)
 
 
-class BTTMoELinear(EinsumLinear):
+class BTTMoELinear(AuxLossState, EinsumLinear):
     """BTT-MoE linear layer (SPEC §5); build it as ``EinsumLinear(d_in, d_out, Structure.btt_moe(E, k))``.
 
     Attributes:
@@ -200,7 +200,8 @@ class BTTMoELinear(EinsumLinear):
             with torch.no_grad():
                 layer.A.copy_(A)
                 layer.B.copy_(B)
-                w = weight.detach().float()
-                err = (w - layer.to_dense().float()).norm() / w.norm().clamp_min(torch.finfo(torch.float32).tiny)
+                work = torch.promote_types(weight.dtype, torch.float32)
+                w = weight.detach().to(work)
+                err = (w - layer.to_dense().to(work)).norm() / w.norm().clamp_min(torch.finfo(work).tiny)
             layer.projection_error = float(err)
         return layer

@@ -250,7 +250,8 @@ class Policy:
             elif suffix == ".json":
                 data = json.loads(raw.decode("utf-8"))
             else:
-                raise PolicyError(f"policy file {path!r}: unknown extension {suffix!r}; valid: .yaml, .yml, .toml, .json")
+                raise PolicyError(f"policy file {path!r}: unknown extension {suffix!r}; "
+                                  "valid: .yaml, .yml, .toml, .json")
         except PolicyError:
             raise
         except Exception as exc:  # parser errors differ per format; report them uniformly

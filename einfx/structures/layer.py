@@ -95,6 +95,7 @@ class EinsumLinear(nn.Module):
         if order not in ORDERS:
             raise ValueError(f"unknown contraction order {order!r}; valid: {', '.join(ORDERS)}")
         self.order = order
+        self._pinned_order = order  # the planner then only considers this order
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -105,7 +106,14 @@ class EinsumLinear(nn.Module):
         if self.sizes.dense:
             y = torch.matmul(x, self.weight.t())
         else:
-            y = Fn.contract(x, self.A, self.B, self.sizes, self.order)
+            from einfx.planning import execute, plan_for
+            from einfx.planning.profile import default_profile
+
+            # traced / symbolic token counts plan for 512 tokens: the plan's steps run at any count
+            n = x.numel() // self.in_features
+            tokens = max(1, n) if isinstance(n, int) else 512
+            plan = plan_for(self, tokens, dtype=x.dtype, profile=default_profile(x.device.type))
+            y = execute(plan, x, self.cores())
         return y + self.bias if self.bias is not None else y
 
     @torch.no_grad()
@@ -116,15 +124,15 @@ class EinsumLinear(nn.Module):
         return Fn.fold(self.A, self.B, self.sizes).detach()
 
     def cost(self, tokens: int = 1) -> Cost:
-        """Exact parameters and FLOPs of a forward pass over ``tokens`` input vectors in the current order."""
+        """Exact parameters and FLOPs of a forward pass over ``tokens`` input vectors, for the plan used."""
         s = self.sizes
         params = s.params + (self.out_features if self.bias is not None else 0)
         if s.dense:
             flops = 2 * tokens * s.d_in * s.d_out
-        elif self.order == "fold":
-            flops = 2 * s.fold_macs() + 2 * tokens * s.in_padded * s.out_padded
         else:
-            flops = 2 * tokens * s.macs_per_token(self.order)
+            from einfx.planning import plan_for
+
+            flops = plan_for(self, tokens).flops  # the plan the forward pass runs at this token count
         return Cost(params=params, flops=flops)
 
     def extra_repr(self) -> str:
@@ -140,6 +148,11 @@ class EinsumLinear(nn.Module):
         ``init="project"`` fits the cores to the weight (SPEC §3) and records ``projection_error``
         (relative Frobenius error); ``init="random"`` uses the spectral μP init and copies only the bias.
         """
+        if cls is EinsumLinear and Structure.from_dict(structure).kind == "btt_moe":
+            # BTT-MoE projects onto its experts differently (einfx.moe.projection), like __new__ dispatches.
+            from einfx.moe.layer import BTTMoELinear
+
+            return BTTMoELinear.from_weight(weight, bias, structure, init, name=name, zero_init_last=zero_init_last)
         if init not in INITS:
             raise ValueError(f"layer {name!r}: unknown init {init!r}; valid: {', '.join(INITS)}")
         check_weight(weight, name)

@@ -1,0 +1,228 @@
+"""Benchmark: dense vs the plain (naive) BTT vs the planned + lowered BTT, in torch and onnxruntime.
+
+    python bench/lowering.py [--quick] [--reps 7]
+
+CPU float32, 512 tokens, d ∈ {1024, 4096}, BTT rank ∈ {1, 4}; torch eager and onnxruntime CPU (2 intra-op
+threads). With a GPU: torch bfloat16 with 8192 tokens. Measurements of dense / naive / planned are
+interleaved and the medians reported. "planned" is the lowered plan after fold-to-dense (a layer the cost
+model says loses to dense runs as an exact dense layer). Then: Spearman correlation of predicted vs measured
+time over (layer, plan) pairs. Columns: times in ms, speedup = dense / variant, "realized" = planned speedup
+/ FLOP ratio, predicted = the cost model's planned time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from einfx import EinsumLinear, Structure  # noqa: E402
+from einfx.passes.fold import dense_linear, fold_decision  # noqa: E402
+from einfx.passes.lower import lower  # noqa: E402
+from einfx.planning import all_plans, default_profile, execute, plan_for  # noqa: E402
+from einfx.structures import functional as Fn  # noqa: E402
+
+
+_THREADS = 2
+# On a shared, oversubscribed host wall-clock timings mostly measure the other tenants; process CPU time of a
+# single-threaded run is what the code itself costs. "--clock wall" gives wall-clock times instead.
+_CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = time.perf_counter
+
+
+class _Leaf(fx.Tracer):
+    def is_leaf_module(self, m, qualname):
+        return isinstance(m, EinsumLinear) or super().is_leaf_module(m, qualname)
+
+
+class _Naive(nn.Module):
+    """The ANCHORS plain BTT: functional.contract (two bmms with permute copies in between)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        s = self.layer.sizes
+        return Fn.contract(x, self.layer.A, self.layer.B, s, s.best_token_order()) + self.layer.bias
+
+
+def _variants(layer, tokens, profile):
+    """dense, naive and planned (lowered, or folded to dense when the cost model says dense wins)."""
+    dense = dense_linear(layer)
+    decision = fold_decision(layer, tokens, profile)
+    if decision.fold:
+        planned = dense_linear(layer)
+    else:
+        wrapped = nn.Sequential(layer)
+        planned = lower(fx.GraphModule(wrapped, _Leaf().trace(wrapped)), tokens=tokens, profile=profile).graph_module
+    return {"dense": dense, "naive": _Naive(layer), "planned": planned}, decision
+
+
+def _interleaved(fns: dict, reps: int, sync=lambda: None) -> dict:
+    for fn in fns.values():
+        fn()
+    sync()
+    samples = {k: [] for k in fns}
+    for _ in range(reps):
+        for key, fn in fns.items():
+            start = _clock()
+            fn()
+            sync()
+            samples[key].append(_clock() - start)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def _ort_session(module, x, path):
+    import onnxruntime as ort
+
+    torch.onnx.export(module, (x,), path, dynamo=True, verbose=False)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = _THREADS
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    feed = {name: x.numpy()}
+    return lambda: sess.run(None, feed)
+
+
+def _row(d, rank, flop_ratio, t, predicted, folded):
+    sp_n, sp_p = t["dense"] / t["naive"], t["dense"] / t["planned"]
+    return (f"| {d} | {rank} | {flop_ratio:.0f} | {t['dense'] * 1e3:.2f} | {t['naive'] * 1e3:.2f} | "
+            f"{t['planned'] * 1e3:.2f}{' (folded)' if folded else ''} | {sp_n:.2f} | {sp_p:.2f} | "
+            f"{sp_p / flop_ratio:.0%} | {predicted * 1e3:.2f} |")
+
+
+HEADER = ("| d | rank | FLOP ratio | dense ms | naive ms | planned ms | naive speedup | planned speedup | "
+          "realized | predicted ms |\n|---|---|---|---|---|---|---|---|---|---|")
+
+
+def bench_cpu(dims, ranks, tokens, reps, ort_too=True):
+    torch.manual_seed(0)
+    cpu = default_profile("cpu")
+    tables = {"torch": [], "onnxruntime": []}
+    for d in dims:
+        for rank in ranks:
+            layer = EinsumLinear(d, d, Structure.btt(rank=rank)).eval()
+            x = torch.randn(tokens, d)
+            flop_ratio = (d * d) / layer.sizes.macs_per_token(layer.sizes.best_token_order())
+            with torch.no_grad():
+                mods, dec = _variants(layer, tokens, cpu)
+                ref = mods["dense"](x)
+                for key, m in mods.items():
+                    err = ((m(x) - ref).norm() / ref.norm()).item()
+                    assert err < 1e-4, (key, err)
+                t = _interleaved({k: (lambda m=m: m(x)) for k, m in mods.items()}, reps)
+            pred = dec.dense_time if dec.fold else dec.structured_time
+            tables["torch"].append(_row(d, rank, flop_ratio, t, pred, dec.fold))
+            if ort_too:
+                ort_prof = cpu.with_backend("onnxruntime")
+                mods, dec = _variants(layer, tokens, ort_prof)
+                with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+                    fns = {k: _ort_session(m, x, os.path.join(tmp, f"{k}.onnx")) for k, m in mods.items()}
+                    t = _interleaved(fns, reps)
+                pred = dec.dense_time if dec.fold else dec.structured_time
+                tables["onnxruntime"].append(_row(d, rank, flop_ratio, t, pred, dec.fold))
+            print(f"  done d={d} rank={rank}", file=sys.stderr, flush=True)
+    return tables
+
+
+def _spearman(a, b) -> float:
+    ra = np.argsort(np.argsort(a)).astype(float)
+    rb = np.argsort(np.argsort(b)).astype(float)
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def bench_spearman(tokens, reps, per_layer=4):
+    """Predicted vs measured time (torch eager, execute(plan)) over (layer, plan) pairs."""
+    torch.manual_seed(1)
+    rnd = random.Random(0)
+    cpu = default_profile("cpu")
+    pairs = []
+    cases = [(256, Structure.btt(rank=1)), (256, Structure.btt(rank=4)), (1024, Structure.btt(rank=1)),
+             (1024, Structure.btt(rank=4)), (1024, Structure.kronecker()), (512, Structure.low_rank(rank=64)),
+             (512, Structure.tensor_train(rank=2)), (768, Structure.monarch())]
+    for d, s in cases:
+        layer = EinsumLinear(d, d, s)
+        plans = all_plans(layer.sizes, tokens, "float32", cpu)
+        best = min(plans, key=lambda p: p.time)
+        # plans predicted within 20x of the best (the rest, e.g. outer-product orders, take seconds each)
+        plans = [p for p in plans if p.time <= 20 * best.time]
+        naive_like = max((p for p in plans if p.order != "fold"), key=lambda p: p.time)
+        chosen = [best, naive_like] + rnd.sample(plans, min(per_layer - 2, len(plans)))
+        x = torch.randn(tokens, d)
+        with torch.no_grad():
+            fns = {i: (lambda p=p: execute(p, x, layer.cores())) for i, p in enumerate(chosen)}
+            t = _interleaved(fns, reps)
+        pairs += [(p.time, t[i], f"{s.name}@{d} {p.order}") for i, p in enumerate(chosen)]
+        print(f"  measured {s.name}@{d}", file=sys.stderr, flush=True)
+    rho = _spearman([p[0] for p in pairs], [p[1] for p in pairs])
+    return rho, pairs
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="d = 1024 only, fewer repetitions")
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--no-ort", action="store_true")
+    ap.add_argument("--no-spearman", action="store_true")
+    ap.add_argument("--only-spearman", action="store_true")
+    ap.add_argument("--threads", type=int, default=2, help="torch and onnxruntime intra-op threads")
+    ap.add_argument("--clock", choices=tuple(_CLOCK), default="wall",
+                    help="wall: wall-clock time; cpu: process CPU time (robust on a shared host, use --threads 1)")
+    ap.add_argument("--dims", type=int, nargs="+", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    global _THREADS, _clock
+    _THREADS, _clock = args.threads, _CLOCK[args.clock]
+    dims = tuple(args.dims) if args.dims else (1024,) if args.quick else (1024, 4096)
+    print(f"# einfx lowering benchmark (torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{args.clock} clock, medians of {args.reps} interleaved runs, load average {os.getloadavg()[0]:.1f})\n")
+    tables = {} if args.only_spearman else bench_cpu(dims, (1, 4), 512, args.reps, ort_too=not args.no_ort)
+    for backend, rows in tables.items():
+        if rows:
+            print(f"## CPU float32, 512 tokens, {backend}\n{HEADER}")
+            print("\n".join(rows) + "\n")
+    if torch.cuda.is_available() and not args.only_spearman:
+        print("## GPU bfloat16, 8192 tokens, torch\n" + HEADER)
+        print("\n".join(bench_gpu(dims, (1, 4), 8192, args.reps)) + "\n")
+    else:
+        print("(no GPU here: GPU rows skipped)\n")
+    if args.no_spearman:
+        return
+    rho, pairs = bench_spearman(512, max(3, args.reps - 2))
+    print(f"## Cost model ranking: Spearman {rho:.3f} over {len(pairs)} (layer, plan) pairs (CPU torch)\n"
+          "| pair | predicted ms | measured ms |\n|---|---|---|")
+    for pred, meas, label in sorted(pairs):
+        print(f"| {label} | {pred * 1e3:.3f} | {meas * 1e3:.3f} |")
+
+
+def bench_gpu(dims, ranks, tokens, reps):
+    torch.manual_seed(0)
+    gpu = default_profile("cuda")
+    rows = []
+    for d in dims:
+        for rank in ranks:
+            layer = EinsumLinear(d, d, Structure.btt(rank=rank), device="cuda", dtype=torch.bfloat16).eval()
+            x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
+            flop_ratio = (d * d) / layer.sizes.macs_per_token(layer.sizes.best_token_order())
+            with torch.no_grad():
+                mods, dec = _variants(layer, tokens, gpu)
+                t = _interleaved({k: (lambda m=m: m(x)) for k, m in mods.items()}, reps * 3, torch.cuda.synchronize)
+            pred = dec.dense_time if dec.fold else dec.structured_time
+            rows.append(_row(d, rank, flop_ratio, t, pred, dec.fold))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""ONNX export and onnxruntime deployment of einfx models.
+
+``to_onnx`` exports with ``torch.onnx.export(dynamo=True)``, checks the graph (full ONNX checker, no Einsum
+node) and verifies it in onnxruntime against torch; ``session`` opens a file on CUDA when onnxruntime-gpu
+provides it, else on CPU, with io-binding runs and ``benchmark()``; ``demo_latency`` compares a dense and
+an optimized model. onnx and onnxruntime are imported when first used, not at import time.
+"""
+
+from einfx.export.compare import compare_latency, demo_latency, latency_table
+from einfx.export.onnx_export import DTYPES, ExportReport, apply_deploy_passes, cast_inputs, to_onnx
+from einfx.export.ops import FORBIDDEN_OPS, check_onnx, op_counts
+from einfx.export.session import Latency, Session, session
+from einfx.export.verify import TOLERANCES, ParityCheck, rel_error
+
+__all__ = [
+    "to_onnx", "ExportReport", "ParityCheck", "DTYPES", "TOLERANCES", "session", "Session", "Latency",
+    "op_counts", "check_onnx", "FORBIDDEN_OPS", "rel_error", "cast_inputs", "apply_deploy_passes",
+    "compare_latency", "latency_table", "demo_latency",
+]

@@ -1,0 +1,125 @@
+"""Plans as data: a `Plan` is a list of primitive `Step`s (reshape, permute, expand, pad, crop, matmul,
+slice, restore) over named values, plus its predicted figures and those of the naive plan and of dense.
+
+``execute(plan, x, cores)`` runs a plan eagerly with torch; ``einfx.passes.lower`` emits the same steps as
+FX graph nodes. Every op is a plain differentiable torch op, so plans train with autograd.
+Value names: ``x`` (the input), the core names (``A``, ``B`` or ``weight``), and step outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from einfx.errors import PlanError
+
+__all__ = ["Step", "Plan", "execute", "OPS"]
+
+# op -> number of tensor inputs; every op has exactly one output.
+OPS = {"pad": 1, "reshape": 1, "permute": 1, "expand": 1, "contiguous": 1, "crop": 1, "slice": 1, "matmul": 2, "restore": 2}
+
+
+@dataclass(frozen=True)
+class Step:
+    """One primitive: ``out = op(*inputs, *args)``.
+
+    ops: pad (args: extra), reshape (shape; -1 marks the token dimension), permute (perm), expand (shape),
+    contiguous (materialize the layout: the one place a plan copies an activation),
+    crop (rows, cols: W[:rows, :cols]), slice (stop: v[..., :stop]), matmul (two inputs),
+    restore (inputs y, x; args: d_out: y reshaped to x's leading dimensions + (d_out,)).
+    """
+
+    op: str
+    out: str
+    inputs: tuple[str, ...]
+    args: tuple = ()
+
+    def __post_init__(self):
+        if self.op not in OPS:
+            raise PlanError(f"unknown plan op {self.op!r}; valid: {', '.join(OPS)}")
+        if len(self.inputs) != OPS[self.op]:
+            raise PlanError(f"plan op {self.op!r} takes {OPS[self.op]} inputs, got {self.inputs}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A contraction plan for one layer signature (sizes, tokens, dtype, profile).
+
+    Attributes:
+        steps: the primitives, in order; the last step's output is y (..., d_out) without bias.
+        order: "xab", "xba", "fold" or "dense".
+        layout: a readable description of the intermediate layouts and where the copies are.
+        time, flops, bytes, launches: predicted seconds, exact FLOPs, bytes moved and kernel launches.
+        naive_time, naive_flops, naive_bytes: the same for the plain plan of `einfx.structures.functional`.
+        dense_time, dense_flops: the same for x @ W.T with the folded dense weight precomputed.
+        copies: number of copies (explicit or forced by a non-strided operand) the plan makes per call.
+        tokens, dtype, profile: the signature the plan was made for.
+        candidates: how many plans were scored.
+    """
+
+    steps: tuple[Step, ...]
+    order: str
+    layout: str
+    time: float
+    flops: int
+    bytes: int
+    launches: int
+    naive_time: float
+    naive_flops: int
+    naive_bytes: int
+    dense_time: float
+    dense_flops: int
+    copies: int
+    tokens: int
+    dtype: str
+    profile: str
+    candidates: int = 1
+    output: str = field(default="y")
+
+    @property
+    def speedup_vs_dense(self) -> float:
+        """Predicted dense time / this plan's time."""
+        return self.dense_time / self.time if self.time else float("inf")
+
+    def describe(self) -> str:
+        return (f"{self.order} [{self.layout}] predicted {self.time * 1e3:.3f} ms, {self.flops / 1e6:.2f} MFLOP, "
+                f"{self.copies} copies (naive {self.naive_time * 1e3:.3f} ms, dense {self.dense_time * 1e3:.3f} ms)")
+
+
+def _apply(step: Step, vals: list, env: dict):
+    a = step.args
+    v = vals[0]
+    if step.op == "pad":
+        return F.pad(v, (0, a[0]))
+    if step.op == "reshape":
+        return v.reshape(a)
+    if step.op == "permute":
+        return v.permute(a)
+    if step.op == "expand":
+        return v.expand(a)
+    if step.op == "contiguous":
+        return v.contiguous()
+    if step.op == "crop":
+        return v[: a[0], : a[1]]
+    if step.op == "slice":
+        return v[..., : a[0]]
+    if step.op == "matmul":
+        return torch.matmul(v, vals[1])
+    if step.op == "restore":
+        return v.reshape(vals[1].shape[:-1] + (a[0],))
+    raise PlanError(f"unknown plan op {step.op!r}")  # unreachable: Step validates op
+
+
+def execute(plan: Plan, x: torch.Tensor, cores: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Run ``plan`` on input ``x`` (..., d_in) with the layer's cores; returns (..., d_out) without bias."""
+    env: dict[str, torch.Tensor] = {"x": x, **cores}
+    for step in plan.steps:
+        try:
+            vals = [env[name] for name in step.inputs]
+        except KeyError as exc:
+            raise PlanError(f"plan step {step} reads {exc.args[0]!r}, which no earlier step wrote; "
+                            f"available: {sorted(env)}") from exc
+        env[step.out] = _apply(step, vals, env)
+    return env[plan.output]

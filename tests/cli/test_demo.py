@@ -1,0 +1,28 @@
+import pytest
+
+from einfx import Structure
+from einfx.cli.demo import demo_policy
+from einfx.cli.main import main
+
+
+def test_demo_policy_is_btt_for_every_projection_and_excludes_nothing():
+    policy = demo_policy()
+    assert policy.default == Structure.btt(rank=1) and policy.exclude == () and policy.init == "project"
+    assert policy.select("transformer.h.0.attn.c_attn", ("Conv1D",)).structure == Structure.btt(rank=1)
+    assert policy.select("lm_head", ("Linear",)).structure == Structure.btt(rank=1)  # rejected later: tied
+
+
+@pytest.mark.slow  # GPT-2-small width (d = 768) with 2 layers: about a minute on 2 cores
+def test_demo_quick_prints_table_saving_and_verify_error(capsys):
+    assert main(["demo", "--quick"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].split()[:2] == ["name", "kind"]
+    rows = [line for line in lines if line.startswith("transformer.h.")]
+    assert len(rows) == 8 and all("structured" in r and "btt(rank=1)" in r for r in rows)
+    head = next(line for line in lines if line.startswith("lm_head"))
+    assert "kept" in head
+    assert "tied or shared weight: 'lm_head.weight' is the same tensor as 'transformer.wte.weight'" in head
+    assert "8 of 9 candidate layers structured" in out and "(traced with export)" in out
+    assert "whole model parameters:" in out and "verify: max relative output error" in out
+
