@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = sub.add_parser("demo", help="run the main job on a built-in default model (no arguments needed)")
     demo.add_argument("--quick", action="store_true", help="a smaller model, for smoke tests")
+    demo.add_argument("--out", default="out/demo", help="folder for the ONNX files (default: out/demo)")
+    demo.add_argument("--no-onnx", action="store_true", help="skip the ONNX export and latency comparison")
     demo.set_defaults(handler=_run_demo)
 
     explain = sub.add_parser("explain", help="dry run: which layers a policy would replace, and why")
@@ -56,7 +58,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from einfx.cli.demo import run_demo
 
-    return run_demo(quick=args.quick)
+    return run_demo(quick=args.quick, out_dir=args.out, onnx=not args.no_onnx)
 
 
 def _usage_error(command: str, exc: BaseException) -> int:

@@ -125,20 +125,20 @@ def apply_deploy_passes(module: torch.nn.Module, device: str = "cpu") -> tuple[t
 
     Both passes plan with the device profile seen through onnxruntime (no free strided views), so a
     layer whose structured plan would lose to dense there is folded to an exact dense layer, and every
-    other structured layer becomes MatMul/Transpose/Reshape nodes. Other modules, or an einfx without
-    the passes, are returned unchanged. Returns the module and the names of the passes applied.
+    other structured layer becomes MatMul/Transpose/Reshape nodes. Other modules are returned unchanged.
+    Returns the module and the names of the passes applied.
     """
     if not isinstance(module, torch.fx.GraphModule):
         return module, ()
-    try:
-        from einfx.passes.base import run_passes
-        from einfx.passes.fold import fold_to_dense
-        from einfx.passes.lower import lower
-        from einfx.planning.profile import load_profile
-    except ImportError:
-        return module, ()
+    from einfx.passes.base import run_passes
+    from einfx.passes.fold import fold_to_dense
+    from einfx.passes.lower import lower
+    from einfx.planning.profile import load_profile
+
     profile = load_profile(device, fallback=True).with_backend("onnxruntime")
-    passes = [functools.partial(fold_to_dense, profile=profile), functools.partial(lower, profile=profile)]
+    # a policy with fold_to_dense=False (recorded on the module by einfx.optimize) keeps every layer structured
+    keep = () if getattr(module, "einfx_fold_to_dense", True) else ("*",)
+    passes = [functools.partial(fold_to_dense, profile=profile, keep=keep), functools.partial(lower, profile=profile)]
     result = run_passes(module, passes)
     return result.graph_module, ("fold_to_dense", "lower")
 

@@ -28,7 +28,10 @@ from einfx.rewriter.substitute import structure_linears, structure_modules, weig
 from einfx.rewriter.trace import FRONTENDS, capture
 from einfx.structures.sizes import Sizes
 
-__all__ = ["optimize", "explain", "optimize_with_report", "as_policy", "output_error"]
+__all__ = ["optimize", "explain", "optimize_with_report", "as_policy", "output_error", "DEPLOY_TOKENS"]
+
+# Tokens per call that the inference columns of the report (predicted plan/dense time) are computed for.
+DEPLOY_TOKENS = 512
 
 
 def as_policy(policy: Any) -> Policy:
@@ -81,15 +84,31 @@ def output_error(reference: nn.Module, candidate: nn.Module, example_inputs, exa
     return worst
 
 
-def _row(d: Decision, layer) -> Row:
+def _row(d: Decision, layer, fold_allowed: bool = True) -> Row:
     c = d.candidate
     dense = Sizes.for_dense(c.d_in, c.d_out)
     p0, f0 = int(option_cost(dense, "params")), int(option_cost(dense, "flops"))
     if not d.accepted or layer is None:
         return Row(c.name, c.kind, c.shape, c.d_in, c.d_out, "kept", d.reason, None, None, p0, p0, f0, f0)
     z = layer.sizes
-    return Row(c.name, c.kind, c.shape, c.d_in, c.d_out, "structured", d.reason, d.structure.name, z.describe(), p0,
-               int(option_cost(z, "params")), f0, int(option_cost(z, "flops")), layer.projection_error)
+    row = Row(c.name, c.kind, c.shape, c.d_in, c.d_out, "structured", d.reason, d.structure.name, z.describe(), p0,
+              int(option_cost(z, "params")), f0, int(option_cost(z, "flops")), layer.projection_error)
+    return row.with_extra(**_inference_columns(layer, fold_allowed))
+
+
+def _inference_columns(layer, fold_allowed: bool, tokens: int = DEPLOY_TOKENS) -> dict:
+    """Predicted times of the best structured plan and of dense at ``tokens`` and the inference choice."""
+    from einfx.passes.fold import fold_decision
+    from einfx.passes.lower import lowerable
+
+    if not lowerable(layer):
+        return {}
+    decision = fold_decision(layer, tokens, forbidden=not fold_allowed)
+    return {
+        "plan ms": round(decision.structured_time * 1e3, 4),
+        "dense ms": round(decision.dense_time * 1e3, 4),
+        "inference": "fold to dense" if decision.fold else "structured",
+    }
 
 
 def optimize_with_report(model: nn.Module, policy, example_inputs=None, verify: bool = False, *,
@@ -118,7 +137,8 @@ def optimize_with_report(model: nn.Module, policy, example_inputs=None, verify: 
         module.train(model.training)
     except NotImplementedError:  # torch.export graph modules keep the mode they were exported in
         pass
-    rows = tuple(_row(d, layers.get(d.candidate.name)) for d in decisions)
+    rows = tuple(_row(d, layers.get(d.candidate.name), policy.fold_to_dense) for d in decisions)
+    module.einfx_fold_to_dense = policy.fold_to_dense
     error = output_error(model, module, args, example_kwargs) if verify else None
     report = Report(rows, cap.frontend, dict(cap.reasons), type(model).__name__,
                     outcome.to_dict() if outcome is not None else None, error)

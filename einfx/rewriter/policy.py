@@ -32,7 +32,7 @@ __all__ = ["Policy", "Rule", "Budget", "Selection", "INITS", "BUDGET_METRICS", "
 INITS = ("project", "random")
 BUDGET_METRICS = ("flops", "params")
 FALLBACKS = ("none", "module")
-_POLICY_KEYS = ("default", "rules", "exclude", "min_features", "init", "budget", "fallback")
+_POLICY_KEYS = ("default", "rules", "exclude", "min_features", "init", "budget", "fallback", "fold_to_dense")
 _RULE_KEYS = ("pattern", "structure", "module_type")
 _GLOB_CHARS = set("*?[")
 
@@ -177,6 +177,8 @@ class Policy:
         budget: a `Budget`, a FLOPs fraction, or a dict (see `Budget.from_value`).
         fallback: ``"module"`` allows replacing modules in place when no tracer captures the model;
             ``"none"`` raises `TraceError` instead.
+        fold_to_dense: for inference (ONNX export), a structured layer whose best plan the cost model predicts
+            slower than dense becomes an exact dense layer; ``False`` forbids that.
     """
 
     default: Any = None
@@ -186,6 +188,7 @@ class Policy:
     init: str = "project"
     budget: Any = None
     fallback: str = "none"
+    fold_to_dense: bool = True
 
     def __post_init__(self):
         if self.default is not None:
@@ -215,6 +218,8 @@ class Policy:
             raise PolicyError(f"init {self.init!r} is unknown; valid: {', '.join(INITS)}")
         if self.fallback not in FALLBACKS:
             raise PolicyError(f"fallback {self.fallback!r} is unknown; valid: {', '.join(FALLBACKS)}")
+        if not isinstance(self.fold_to_dense, bool):
+            raise PolicyError(f"fold_to_dense must be true or false, got {self.fold_to_dense!r}")
         object.__setattr__(self, "budget", Budget.from_value(self.budget))
 
     # -- construction ---------------------------------------------------------------------------------
@@ -270,6 +275,7 @@ class Policy:
             "init": self.init,
             "budget": self.budget.to_dict() if self.budget is not None else None,
             "fallback": self.fallback,
+            "fold_to_dense": self.fold_to_dense,
         }
 
     # -- resolution -----------------------------------------------------------------------------------

@@ -100,14 +100,33 @@ def _try_export(model: nn.Module, example_inputs, example_kwargs) -> nn.Module:
     args = tuple(example_inputs) if example_inputs is not None else ()
     kwargs = dict(example_kwargs or {})
     # Every tensor dimension is exported as Dim.AUTO, so that the graph serves other batch and sequence sizes
-    # (export specializes the dims the model really fixes); a model that only exports with static shapes is
+    # (export specializes the dims the model really fixes). Export also specializes every dim of size 1, so a
+    # batch of 1 is first widened to 2 by repeating it. A model that only exports with static shapes is
     # captured at the example's shapes.
-    try:
-        program = torch.export.export(model, args, kwargs, dynamic_shapes=_auto_dynamic_shapes(args, kwargs),
-                                      strict=False)
-    except Exception:  # noqa: BLE001 - retried with static shapes, which raises its own reason if it fails
-        program = torch.export.export(model, args, kwargs, strict=False)
-    return program.module()
+    attempts = [(_widen_batch(args), _widen_batch(kwargs), True), (args, kwargs, True), (args, kwargs, False)]
+    if attempts[0][0] is args and attempts[0][1] is kwargs:
+        attempts = attempts[1:]
+    for i, (a, kw, dynamic) in enumerate(attempts):
+        try:
+            shapes = _auto_dynamic_shapes(a, kw) if dynamic else None
+            return torch.export.export(model, a, kw, dynamic_shapes=shapes, strict=False).module()
+        except Exception:  # noqa: BLE001 - the last attempt raises its own reason
+            if i == len(attempts) - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _widen_batch(value):
+    """Repeat every tensor whose first dimension is 1 to a first dimension of 2 (same object if none is)."""
+    if isinstance(value, torch.Tensor):
+        return value.repeat(2, *([1] * (value.dim() - 1))) if value.dim() and value.shape[0] == 1 else value
+    if isinstance(value, (list, tuple)):
+        items = [_widen_batch(v) for v in value]
+        return value if all(a is b for a, b in zip(items, value)) else type(value)(items)
+    if isinstance(value, dict):
+        items = {k: _widen_batch(v) for k, v in value.items()}
+        return value if all(items[k] is value[k] for k in value) else items
+    return value
 
 
 def _auto_dynamic_shapes(args: tuple, kwargs: dict):

@@ -13,8 +13,8 @@ def test_demo_policy_is_btt_for_every_projection_and_excludes_nothing():
 
 
 @pytest.mark.slow  # GPT-2-small width (d = 768) with 2 layers: about a minute on 2 cores
-def test_demo_quick_prints_table_saving_and_verify_error(capsys):
-    assert main(["demo", "--quick"]) == 0
+def test_demo_quick_prints_table_saving_and_verify_error(capsys, tmp_path):
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert lines[0].split()[:2] == ["name", "kind"]
@@ -26,3 +26,8 @@ def test_demo_quick_prints_table_saving_and_verify_error(capsys):
     assert "8 of 9 candidate layers structured" in out and "(traced with export)" in out
     assert "whole model parameters:" in out and "verify: max relative output error" in out
 
+    # the ONNX part: both files written and verified, latency table with the speedup column
+    assert (tmp_path / "dense.onnx").is_file() and (tmp_path / "optimized.onnx").is_file()
+    assert "onnxruntime latency, batch 1 x 512 tokens" in out
+    table = out[out.index("onnxruntime latency"):]
+    assert "dense" in table and "optimized" in table and "x" in table.split("optimized")[-1]
