@@ -1,7 +1,7 @@
 """Small zoo models for the export tests, and a way to structure them.
 
 ``structured(model, structure, example_inputs)`` returns the model with BTT (or another structure) on
-every projection. It uses ``einfx.optimize`` when this einfx has it; `replace_projections` is the fallback
+every projection, through ``einfx.optimize``; `replace_projections` (in place, no graph) is kept for the tests
 (in place: nn.Linear and GPT-2 Conv1D -> EinsumLinear, nn.MultiheadAttention -> `StructuredSelfAttention`).
 """
 
@@ -65,12 +65,9 @@ def replace_projections(model: nn.Module, structure, exclude=("lm_head", "head")
 
 
 def structured(model: nn.Module, structure, example_inputs) -> nn.Module:
-    """``einfx.optimize`` with ``structure`` as the default when available, else `replace_projections`."""
-    if hasattr(einfx, "optimize") and hasattr(einfx, "Policy"):
-        policy = einfx.Policy(default=structure, exclude=["lm_head", "heads.head"], min_features=16,
-                              init="project")
-        return einfx.optimize(model, policy, example_inputs=example_inputs)
-    return replace_projections(model, structure)
+    """``einfx.optimize`` with ``structure`` as the default for every projection (heads stay dense)."""
+    policy = einfx.Policy(default=structure, exclude=["lm_head", "heads.head"], min_features=16, init="project")
+    return einfx.optimize(model, policy, example_inputs=example_inputs)
 
 
 def tiny_gpt2(n_layer: int = 2, n_embd: int = 128, n_head: int = 4, vocab: int = 512, positions: int = 128):
