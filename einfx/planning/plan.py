@@ -57,6 +57,8 @@ class Plan:
         copies: number of copies (explicit or forced by a non-strided operand) the plan makes per call.
         tokens, dtype, profile: the signature the plan was made for.
         candidates: how many plans were scored.
+        token_block: when > 0, the steps run on chunks of this many tokens and the outputs are concatenated,
+            so that every intermediate of a chunk stays in cache (eager torch on CPU); 0 runs all tokens at once.
     """
 
     steps: tuple[Step, ...]
@@ -77,6 +79,7 @@ class Plan:
     profile: str
     candidates: int = 1
     output: str = field(default="y")
+    token_block: int = 0
 
     @property
     def speedup_vs_dense(self) -> float:
@@ -114,6 +117,16 @@ def _apply(step: Step, vals: list, env: dict):
 
 def execute(plan: Plan, x: torch.Tensor, cores: dict[str, torch.Tensor]) -> torch.Tensor:
     """Run ``plan`` on input ``x`` (..., d_in) with the layer's cores; returns (..., d_out) without bias."""
+    block = plan.token_block
+    if block and x.dim() >= 1 and isinstance(x.numel(), int) and x.numel() // max(1, x.shape[-1]) > block:
+        flat = x.reshape(-1, x.shape[-1])
+        ys = [_run_steps(plan, chunk, cores) for chunk in flat.split(block)]
+        y = torch.cat(ys)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+    return _run_steps(plan, x, cores)
+
+
+def _run_steps(plan: Plan, x: torch.Tensor, cores: dict[str, torch.Tensor]) -> torch.Tensor:
     env: dict[str, torch.Tensor] = {"x": x, **cores}
     for step in plan.steps:
         try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 from functools import lru_cache
 
 from einfx.errors import PlanError
@@ -325,7 +326,43 @@ def plan_layer(sizes: Sizes, tokens: int, dtype: str = "float32", profile: Devic
             if best is None or key < best[0]:
                 best = (key, b, order, text)
     _, b, order, text = best
-    return _make(b, order, text, naive, dense, tokens, dtype, profile, count)
+    plan = _make(b, order, text, naive, dense, tokens, dtype, profile, count)
+    return _blocked(plan, sizes, tokens, dtype, profile, orders) or plan
+
+
+# Token blocks tried for eager CPU execution: powers of two from MIN_TOKEN_BLOCK up to half the tokens.
+MIN_TOKEN_BLOCK = 16
+
+
+def _blocked(plan: Plan, sizes: Sizes, tokens: int, dtype: str, profile: DeviceProfile,
+             orders: tuple[str, ...]) -> Plan | None:
+    """The plan run on chunks of tokens (each chunk's intermediates stay in cache), when predicted faster.
+
+    Only for eager torch on CPU (a strided-GEMM backend): the chunks run one after another and their
+    outputs are concatenated (one extra copy of y). Exported graphs keep whole-batch plans.
+    """
+    if profile.device != "cpu" or not profile.strided_gemm or plan.order not in ("xab", "xba"):
+        return None
+    itemsize = _ITEMSIZE[dtype]
+    concat = copy_cost(tokens * sizes.d_out, itemsize, sizes.d_out, profile).time
+    best = None
+    block = MIN_TOKEN_BLOCK
+    while block * 2 <= tokens:
+        sub = plan_layer(sizes, block, dtype, profile, tuple(o for o in orders if o != "fold") or orders)
+        if sub.order in ("xab", "xba") and not sub.token_block:
+            chunks = -(-tokens // block)
+            time = chunks * sub.time + concat + chunks * profile.view_s
+            if time < plan.time and (best is None or time < best[0]):
+                best = (time, block, sub)
+        block *= 2
+    if best is None:
+        return None
+    time, block, sub = best
+    return replace(sub, time=time, flops=sub.flops // block * tokens, bytes=sub.bytes // block * tokens,
+                   launches=sub.launches * -(-tokens // block) + 1, naive_time=plan.naive_time,
+                   naive_flops=plan.naive_flops, naive_bytes=plan.naive_bytes, dense_time=plan.dense_time,
+                   dense_flops=plan.dense_flops, tokens=tokens, candidates=plan.candidates,
+                   layout=f"{sub.layout}; in chunks of {block} tokens", token_block=block)
 
 
 def all_plans(sizes: Sizes, tokens: int, dtype: str = "float32", profile: DeviceProfile | None = None) -> list[Plan]:
