@@ -4,7 +4,7 @@ Every block maps d -> hidden -> d with GELU in between. BTT-MoE uses E experts w
 layers (d -> 4d -> d); BTT uses rank E (the same core parameters, no gate); the dense FFN and the standard
 MoE (E dense experts, top-k) get the hidden width that matches the BTT-MoE block's parameter count.
 For each block: parameters, FLOPs per token of the path run (from ``cost()``), and the best time of a
-forward pass for every compute path (BTT-MoE: masked, sparse and the cost model's auto choice; standard
+forward pass for every compute path (BTT-MoE: masked, sparse, grouped and the cost model's auto choice; standard
 MoE: masked and grouped). Further tables set the BTT-MoE cost model's choice against the measured faster
 path of one layer, per token count.
 
@@ -103,7 +103,7 @@ def block_table(d: int, tokens: int, experts: int, k: int, device: str, reps: in
                 ) -> list[list[str]]:
     blocks = build_blocks(d, experts, k, device)
     x = torch.randn(tokens, d, device=device)
-    paths = {"btt_moe": ("masked", "sparse", "auto"), "std": ("masked", "grouped")}
+    paths = {"btt_moe": ("masked", "sparse", "grouped", "auto"), "std": ("masked", "grouped")}
     cases = []
     for name, block in blocks.items():
         kind = "btt_moe" if "BTT-MoE" in name else "std" if "std MoE" in name else None

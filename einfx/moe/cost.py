@@ -1,12 +1,16 @@
 """Which compute path a BTT-MoE layer runs, from a small FLOPs + bytes cost model (SPEC §5).
 
-Two paths give the same outputs:
+Three paths give the same outputs:
     masked: x·A for all E experts (one GEMM), scale the ρ slices of the intermediate by the (N, E) routing
             matrix, then ·B for all E experts (one GEMM). FLOPs grow with E.
     sparse: gather the k selected experts' slices of A and B per token and contract only those
             (broadcast multiply + sum). FLOPs grow with k, but every gathered weight is used by one token
             only, so the path is bound by memory traffic; it wins at small token counts (decoding) with
             many experts, where the masked path's cost is reading and permuting all E experts' cores.
+    grouped: (eager only: data-dependent shapes) tokens sorted by expert, each expert's rank-1 BTT run on
+            the tokens routed to it, outputs scaled and scattered back. FLOPs grow with k and the work stays
+            GEMM-shaped; it pays a fixed overhead per expert, so it wins at large token counts.
+Exported or traced graphs never take the grouped path (one ONNX file must serve every batch size).
 
 ``choose_path`` scores both with ``seconds = flops / rate + bytes / bandwidth`` using the constants of a
 `PathProfile`. This is the one place to point at a calibrated device model (einfx.planning) later.
@@ -18,9 +22,11 @@ from dataclasses import dataclass
 
 from einfx.structures.sizes import Sizes
 
-__all__ = ["PATHS", "PathProfile", "PathCost", "CPU_PROFILE", "path_costs", "choose_path", "NOMINAL_TOKENS"]
+__all__ = ["PATHS", "STATIC_PATHS", "PathProfile", "PathCost", "CPU_PROFILE", "path_costs", "choose_path", "NOMINAL_TOKENS"]
 
-PATHS = ("masked", "sparse")
+PATHS = ("masked", "sparse", "grouped")
+# Paths whose shapes do not depend on the routing (usable in exported graphs).
+STATIC_PATHS = ("masked", "sparse")
 # Token count assumed when it is unknown (symbolic batch while exporting): a typical training/inference batch.
 NOMINAL_TOKENS = 1024
 
@@ -33,11 +39,13 @@ class PathProfile:
         gemm_flops: FLOP/s of a large batched GEMM (the masked path).
         matvec_flops: FLOP/s of the sparse path's broadcast multiply + sum.
         bandwidth: bytes/s of memory traffic.
+        expert_overhead: seconds of fixed work per expert on the grouped path (sorting, gathers, launches).
     """
 
     gemm_flops: float
     matvec_flops: float
     bandwidth: float
+    expert_overhead: float = 1.5e-4
 
 
 # Rough two-core CPU figures (float32); bench/moe.py prints the measured times next to the choice.
@@ -74,11 +82,24 @@ def path_costs(sizes: Sizes, k: int, tokens: int, dtype_bytes: int = 4,
                            masked_flops / profile.gemm_flops + masked_bytes / profile.bandwidth),
         "sparse": PathCost("sparse", sparse_flops, sparse_bytes,
                            sparse_flops / profile.matvec_flops + sparse_bytes / profile.bandwidth),
+        # rank-1 expert GEMMs run at lower efficiency than the masked path's one wide GEMM (counted as half
+        # the rate); x rows gathered, intermediate written and read, outputs scaled and scattered
+        "grouped": PathCost("grouped", sparse_flops, dtype_bytes * (2 * n * k * (s.in_padded + s.out_padded)
+                                                                    + 2 * n * k * inter + e * core_elems),
+                            2 * sparse_flops / profile.gemm_flops
+                            + dtype_bytes * (2 * n * k * (s.in_padded + s.out_padded) + 2 * n * k * inter
+                                             + e * core_elems) / profile.bandwidth
+                            + e * profile.expert_overhead),
     }
 
 
 def choose_path(sizes: Sizes, k: int, tokens: int | None = None, dtype_bytes: int = 4,
-                profile: PathProfile = CPU_PROFILE) -> str:
-    """The path with the lower estimated time; ties go to ``masked``. ``tokens=None`` uses NOMINAL_TOKENS."""
+                profile: PathProfile = CPU_PROFILE, static: bool = False) -> str:
+    """The path with the lowest estimated time; ties go to ``masked``, then ``sparse``.
+
+    ``tokens=None`` (a symbolic batch) uses NOMINAL_TOKENS and implies ``static``; ``static`` restricts the
+    choice to `STATIC_PATHS` (graphs being traced or exported).
+    """
     costs = path_costs(sizes, k, NOMINAL_TOKENS if tokens is None else tokens, dtype_bytes, profile)
-    return "sparse" if costs["sparse"].seconds < costs["masked"].seconds else "masked"
+    allowed = STATIC_PATHS if static or tokens is None else PATHS
+    return min(allowed, key=lambda p: (costs[p].seconds, PATHS.index(p)))

@@ -6,9 +6,11 @@
 
 Built by ``EinsumLinear(d_in, d_out, Structure.btt_moe(experts=E, k=k))``. Two compute paths with equal
 outputs: ``masked`` (all E experts, the intermediate between the cores scaled by the (N, E) routing
-matrix) and ``sparse`` (only the k selected experts' core slices, gathered per token); ``path="auto"``
-lets `einfx.moe.cost.choose_path` decide per call from the token count. Both have static shapes (k is a
-Python int), so one exported ONNX graph serves every batch size.
+matrix), ``sparse`` (only the k selected experts' core slices, gathered per token) and, in eager mode only,
+``grouped`` (tokens sorted by expert, each expert's rank-1 BTT run on its own tokens); ``path="auto"`` lets
+`einfx.moe.cost.choose_path` decide per call from the token count. Masked and sparse have static shapes (k
+is a Python int), so one exported ONNX graph serves every batch size; traced and exported graphs never
+take the grouped path.
 """
 
 from __future__ import annotations
@@ -64,13 +66,34 @@ def _sparse(x2: torch.Tensor, A: torch.Tensor, B: torch.Tensor, idx: torch.Tenso
     return y.permute(2, 0, 1, 3).reshape(n, f * e * d)
 
 
+def _grouped(x2: torch.Tensor, A: torch.Tensor, B: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, s
+             ) -> torch.Tensor:
+    """Each expert's rank-1 BTT on the tokens routed to it (eager: data-dependent sizes). FLOPs ∝ k."""
+    n, k = idx.shape
+    flat = idx.reshape(n * k)
+    order = torch.argsort(flat, stable=True)
+    tokens = torch.arange(n, device=x2.device).repeat_interleave(k)[order]
+    weights = w.reshape(n * k)[order]
+    counts = torch.bincount(flat, minlength=s.rho).tolist()
+    one = dataclasses.replace(s, rho=1, d_in=s.in_padded, d_out=s.out_padded)  # x2 is padded already
+    y = x2.new_zeros(n, s.out_padded)
+    start = 0
+    for e, count in enumerate(counts):
+        if count:
+            rows = tokens[start:start + count]
+            ye = Fn.contract(x2.index_select(0, rows), A[:, :, e:e + 1], B[:, :, e:e + 1], one, "xab")
+            y = y.index_add(0, rows, ye * weights[start:start + count, None])
+            start += count
+    return y
+
+
 class BTTMoELinear(AuxLossState, EinsumLinear):
     """BTT-MoE linear layer (SPEC §5); build it as ``EinsumLinear(d_in, d_out, Structure.btt_moe(E, k))``.
 
     Attributes:
         gate: (E, d_in) gate weight, zero at init (uniform routing probabilities).
         experts, k: number of experts and experts per token.
-        path: "auto", "masked" or "sparse" (see `set_path`).
+        path: "auto", "masked", "sparse" or "grouped" (see `set_path`).
         last_aux_loss: the load-balancing loss of the last forward in training mode (None otherwise);
             `einfx.aux_loss(model)` sums it over layers.
 
@@ -95,7 +118,8 @@ class BTTMoELinear(AuxLossState, EinsumLinear):
 
     # -- configuration ----------------------------------------------------------------------------
     def set_path(self, path: str) -> None:
-        """Fix the compute path ("masked" or "sparse"), or let the cost model choose per call ("auto")."""
+        """Fix the compute path ("masked", "sparse" or "grouped"), or let the cost model choose per call
+        ("auto"). A fixed "grouped" path is for eager use; traced and exported graphs fall back to masked."""
         if path not in PATH_CHOICES:
             raise PlanError(f"layer {self.name or 'BTTMoELinear'}: unknown BTT-MoE path {path!r}; "
                             f"valid: {', '.join(PATH_CHOICES)}")
@@ -108,12 +132,14 @@ class BTTMoELinear(AuxLossState, EinsumLinear):
                 f"intermediate between the cores), so order {order!r} is not available; valid: xab. "
                 "Use set_path('masked' | 'sparse' | 'auto') to choose how the experts are computed")
 
-    def path_for(self, tokens: int | None) -> str:
-        """The path a forward over ``tokens`` tokens runs (None: unknown, e.g. a symbolic batch)."""
+    def path_for(self, tokens: int | None, static: bool = False) -> str:
+        """The path a forward over ``tokens`` tokens runs (None: unknown, e.g. a symbolic batch; ``static``:
+        a graph being traced or exported, where the grouped path's data-dependent shapes are not allowed)."""
+        static = static or tokens is None
         if self.path != "auto":
-            return self.path
+            return "masked" if static and self.path == "grouped" else self.path
         dtype_bytes = self.A.element_size()
-        return choose_path(self.sizes, self.k, tokens, dtype_bytes=dtype_bytes)
+        return choose_path(self.sizes, self.k, tokens, dtype_bytes=dtype_bytes, static=static)
 
     def extra_lr_multipliers(self, optimizer: str = "adam") -> dict[nn.Parameter, float]:
         """Per-expert core multipliers (SPEC §2 with d_ρ = 1) and 1.0 for the gate, for `param_groups`."""
@@ -138,9 +164,12 @@ class BTTMoELinear(AuxLossState, EinsumLinear):
         if self.training:
             self.last_aux_loss = load_balancing_loss(r.logits, r.indices)
         tokens = x2.shape[0]
-        path = self.path_for(tokens if isinstance(tokens, int) else None)
+        static = torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+        path = self.path_for(tokens if isinstance(tokens, int) else None, static=static)
         xp = Fn.pad_input(x2, self.sizes)
-        if path == "sparse":
+        if path == "grouped":
+            y = _grouped(xp, self.A, self.B, r.indices, r.weights.to(xp.dtype), self.sizes)
+        elif path == "sparse":
             y = _sparse(xp, self.A, self.B, r.indices, r.weights.to(xp.dtype), self.sizes)
         else:
             y = _masked(xp, self.A, self.B, r.dense_weights().to(xp.dtype), self.sizes)
@@ -170,7 +199,7 @@ class BTTMoELinear(AuxLossState, EinsumLinear):
         """Exact params (cores + gate + bias) and FLOPs over ``tokens`` tokens on the path used for them.
 
         FLOPs count the multiply-adds (× 2) of the gate and of the core contractions: E experts on the
-        masked path, k on the sparse path.
+        masked path, k on the sparse and grouped paths.
         """
         s = self.sizes
         params = s.params + self.gate.numel() + (self.out_features if self.bias is not None else 0)

@@ -1,10 +1,10 @@
-"""The masked/sparse path cost model: FLOPs grow with E on one path and with k on the other."""
+"""The BTT-MoE path cost model: FLOPs grow with E on the masked path and with k on the sparse/grouped ones."""
 
 import dataclasses
 
 import pytest
 
-from einfx.moe.cost import CPU_PROFILE, NOMINAL_TOKENS, PathProfile, choose_path, path_costs
+from einfx.moe.cost import CPU_PROFILE, NOMINAL_TOKENS, PATHS, STATIC_PATHS, PathProfile, choose_path, path_costs
 from einfx.structures.sizes import Sizes
 
 
@@ -25,18 +25,18 @@ def test_choice_follows_the_estimated_times():
     s = _sizes(16)
     for tokens in (1, 32, 4096):
         c = path_costs(s, 2, tokens)
-        want = "sparse" if c["sparse"].seconds < c["masked"].seconds else "masked"
-        assert choose_path(s, 2, tokens) == want
-    assert choose_path(s, 2, None) == choose_path(s, 2, NOMINAL_TOKENS)
+        assert choose_path(s, 2, tokens) == min(PATHS, key=lambda p: c[p].seconds)
+        assert choose_path(s, 2, tokens, static=True) == min(STATIC_PATHS, key=lambda p: c[p].seconds)
+    assert choose_path(s, 2, None) == choose_path(s, 2, NOMINAL_TOKENS, static=True)
 
 
 def test_choice_moves_with_the_device_profile_and_k():
     s = _sizes(32)
     fast_gather = PathProfile(gemm_flops=1e9, matvec_flops=1e12, bandwidth=1e15)
     slow_gather = PathProfile(gemm_flops=1e15, matvec_flops=1e6, bandwidth=1e9)
-    assert choose_path(s, 2, 512, profile=fast_gather) == "sparse"
-    assert choose_path(s, 2, 512, profile=slow_gather) == "masked"
-    # with k = E the sparse path does the same FLOPs and moves more bytes: never chosen
+    assert choose_path(s, 2, 512, profile=fast_gather, static=True) == "sparse"
+    assert choose_path(s, 2, 512, profile=slow_gather, static=True) == "masked"
+    # with k = E the sparse and grouped paths do the same FLOPs and move more bytes: never chosen
     assert choose_path(s, 32, 512, profile=CPU_PROFILE) == "masked"
     assert choose_path(s, 32, 512, profile=dataclasses.replace(CPU_PROFILE, matvec_flops=CPU_PROFILE.gemm_flops)) \
         == "masked"
@@ -55,7 +55,8 @@ def test_sparse_wins_for_few_tokens_and_many_experts_and_loses_for_many_tokens()
     # the masked path reads and permutes all E experts' cores; the sparse path only k slices per token
     s = _sizes(32)
     assert choose_path(s, 2, 1) == "sparse"
-    assert choose_path(s, 2, 4096) == "masked"
+    assert choose_path(s, 2, 4096, static=True) == "masked"
+    assert choose_path(s, 2, 4096) == "grouped"  # eager: FLOPs grow with k and the work stays GEMM-shaped
     c1 = path_costs(s, 2, 1)
     core = 32 * 32 * 32 + 32 * 32 * 32  # one expert's slices of A and B
     assert c1["masked"].bytes > 3 * 4 * 32 * core  # all 32 experts' cores, float32, permuted and read
