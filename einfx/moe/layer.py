@@ -25,6 +25,9 @@ from einfx.moe.aux import AuxLossState
 from einfx.moe.cost import PATHS, choose_path
 from einfx.moe.projection import project_experts
 from einfx.moe.routing import Routing, load_balancing_loss, route
+from einfx.planning import execute
+from einfx.planning.planner import dtype_name, plan_layer
+from einfx.planning.profile import default_profile
 from einfx.structures import functional as Fn
 from einfx.structures.init import init_cores_, lr_multipliers
 from einfx.structures.layer import INITS, Cost, EinsumLinear, check_weight
@@ -81,8 +84,13 @@ def _grouped(x2: torch.Tensor, A: torch.Tensor, B: torch.Tensor, idx: torch.Tens
     for e, count in enumerate(counts):
         if count:
             rows = tokens[start:start + count]
-            ye = Fn.contract(x2.index_select(0, rows), A[:, :, e:e + 1], B[:, :, e:e + 1], one, "xab")
-            y = y.index_add(0, rows, ye * weights[start:start + count, None])
+            # the planner's best plan for a rank-1 BTT (planned for the token count rounded up to a power
+            # of two, so that the cache of plans stays small; plans run at any token count)
+            plan = plan_layer(one, 1 << (count - 1).bit_length(), dtype_name(x2.dtype),
+                              default_profile(x2.device.type), ("xab", "xba"))
+            ye = execute(plan, x2.index_select(0, rows), {"A": A[:, :, e:e + 1], "B": B[:, :, e:e + 1]})
+            # in place into one output: scattering each expert's (small) result avoids copying all of y
+            y.index_add_(0, rows, ye * weights[start:start + count, None])
             start += count
     return y
 
