@@ -4,7 +4,8 @@
 
 CPU float32, 512 tokens, d ∈ {1024, 4096}, BTT rank ∈ {1, 4}; torch eager and onnxruntime CPU (2 intra-op
 threads). With a GPU: torch bfloat16 with 8192 tokens. Measurements of dense / naive / planned are
-interleaved and the medians reported. "planned" is the lowered plan after fold-to-dense (a layer the cost
+interleaved and the medians reported. "planned" is the eager layer running its plan in torch, and the
+lowered (exported) plan in onnxruntime, after fold-to-dense (a layer the cost
 model says loses to dense runs as an exact dense layer). Then: Spearman correlation of predicted vs measured
 time over (layer, plan) pairs. Columns: times in ms, speedup = dense / variant, "realized" = planned speedup
 / FLOP ratio, predicted = the cost model's planned time.
@@ -63,7 +64,11 @@ def _variants(layer, tokens, profile):
     decision = fold_decision(layer, tokens, profile)
     if decision.fold:
         planned = dense_linear(layer)
+    elif profile.strided_gemm:
+        # torch: the eager layer runs its plan (token blocks included), as in a model from einfx.optimize
+        planned = layer
     else:
+        # onnxruntime: the lowered graph (whole-batch plan of plain nodes) is what gets exported
         wrapped = nn.Sequential(layer)
         planned = lower(fx.GraphModule(wrapped, _Leaf().trace(wrapped)), tokens=tokens, profile=profile).graph_module
     return {"dense": dense, "naive": _Naive(layer), "planned": planned}, decision

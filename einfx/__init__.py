@@ -3,14 +3,17 @@
 See README.md for the three entry points (Python, command line, ONNX deployment).
 """
 
-from einfx import errors
-from einfx import export
-from einfx.structures import Cost, EinsumLinear, Structure, Taxonomy, param_groups, taxonomy
-from einfx import moe
+from einfx import errors, export, moe
 from einfx.moe import aux_loss
-from einfx.rewriter import Policy, Rule, explain, optimize
 from einfx.planning import calibrate
+from einfx.rewriter import Policy, Rule, explain, optimize
+from einfx.structures import Cost, EinsumLinear, Structure, Taxonomy, param_groups, taxonomy
 
 __version__ = "0.1.0"
 
-__all__ = ["Structure", "EinsumLinear", "Cost", "Taxonomy", "taxonomy", "param_groups", "errors", "Policy", "Rule", "optimize", "explain", "aux_loss", "moe", "calibrate"]
+__all__ = [
+    "Structure", "EinsumLinear", "Cost", "Taxonomy", "taxonomy", "param_groups",
+    "Policy", "Rule", "optimize", "explain",
+    "aux_loss", "calibrate",
+    "errors", "export", "moe",
+]
