@@ -134,7 +134,7 @@ def path_table(d: int, token_list: list[int], experts: int, k: int, device: str,
     rows = []
     for tokens in token_list:
         x = torch.randn(tokens, d, device=device)
-        times = {"masked": float("inf"), "sparse": float("inf")}
+        times = {"masked": float("inf"), "sparse": float("inf"), "grouped": float("inf")}
         for _ in range(2):  # interleaved rounds, as in block_table
             for path in times:
                 layer.set_path(path)
@@ -142,8 +142,8 @@ def path_table(d: int, token_list: list[int], experts: int, k: int, device: str,
         layer.set_path("auto")
         chosen = layer.path_for(tokens)
         faster = min(times, key=times.get)
-        rows.append([str(tokens), f"{times['masked']:.2f}", f"{times['sparse']:.2f}", chosen, faster,
-                     "yes" if chosen == faster else "no"])
+        rows.append([str(tokens), f"{times['masked']:.2f}", f"{times['sparse']:.2f}", f"{times['grouped']:.2f}",
+                     chosen, faster, "yes" if chosen == faster else "no"])
     return rows
 
 
@@ -179,7 +179,7 @@ def main(argv=None) -> None:
                block_table(args.d, tokens, args.experts, args.k, args.device, args.reps))
     for experts in args.path_experts:
         _print(f"BTT-MoE layer {args.d}->{4 * args.d}, E={experts} k={args.k}: cost-model choice vs measurement",
-               ["tokens", "masked ms", "sparse ms", "chosen", "faster", "agree"],
+               ["tokens", "masked ms", "sparse ms", "grouped ms", "chosen", "faster", "agree"],
                path_table(args.d, sorted({1, 8, *args.tokens}), experts, args.k, args.device, args.reps))
 
 

@@ -8,8 +8,8 @@ torch) and timed with io-binding, interleaving dense and optimized runs. Usage:
         [--frontend optimize|replace]
 
 The optimized models put BTT (rank 1) on every projection (lm_head / the classifier stay dense). With
-``--frontend optimize`` they come from einfx.optimize (graph capture, fold/lower deploy passes; static
-shapes for Hugging Face models today); ``replace`` swaps the modules in place (dynamic shapes).
+``--frontend optimize`` (the default) they come from einfx.optimize (graph capture with dynamic batch and
+sequence axes, then the fold-to-dense and lowering deploy passes); ``replace`` swaps the modules in place.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="out/bench_onnx")
-    ap.add_argument("--frontend", choices=("optimize", "replace"), default="replace")
+    ap.add_argument("--frontend", choices=("optimize", "replace"), default="optimize")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -113,6 +114,10 @@ class EinsumLinear(nn.Module):
             n = x.numel() // self.in_features
             tokens = max(1, n) if isinstance(n, int) else 512
             plan = plan_for(self, tokens, dtype=x.dtype, profile=default_profile(x.device.type))
+            if plan.token_block and (not isinstance(n, int) or torch.compiler.is_compiling()
+                                     or torch.compiler.is_exporting()):
+                # a captured graph must serve every token count: run the plan on the whole batch
+                plan = dataclasses.replace(plan, token_block=0)
             y = execute(plan, x, self.cores())
         return y + self.bias if self.bias is not None else y
 
