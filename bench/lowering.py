@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from einfx import EinsumLinear, Structure  # noqa: E402
 from einfx.passes.fold import dense_linear, fold_decision  # noqa: E402
 from einfx.passes.lower import lower  # noqa: E402
+from einfx.rewriter.trace import EinfxTracer  # noqa: E402
 from einfx.planning import all_plans, default_profile, execute, plan_for  # noqa: E402
 from einfx.structures import functional as Fn  # noqa: E402
 
@@ -39,11 +40,6 @@ _THREADS = 2
 # single-threaded run is what the code itself costs. "--clock wall" gives wall-clock times instead.
 _CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
 _clock = time.perf_counter
-
-
-class _Leaf(fx.Tracer):
-    def is_leaf_module(self, m, qualname):
-        return isinstance(m, EinsumLinear) or super().is_leaf_module(m, qualname)
 
 
 class _Naive(nn.Module):
@@ -70,7 +66,7 @@ def _variants(layer, tokens, profile):
     else:
         # onnxruntime: the lowered graph (whole-batch plan of plain nodes) is what gets exported
         wrapped = nn.Sequential(layer)
-        planned = lower(fx.GraphModule(wrapped, _Leaf().trace(wrapped)), tokens=tokens, profile=profile).graph_module
+        planned = lower(fx.GraphModule(wrapped, EinfxTracer().trace(wrapped)), tokens=tokens, profile=profile).graph_module
     return {"dense": dense, "naive": _Naive(layer), "planned": planned}, decision
 
 

@@ -397,8 +397,8 @@ def plan_for(layer, tokens: int, dtype=None, profile: DeviceProfile | None = Non
     param = next(iter(layer.cores().values()))
     dtype = dtype_name(dtype if dtype is not None else param.dtype)
     if orders is None:
-        pinned = getattr(layer, "_pinned_order", None)
-        orders = (pinned,) if pinned else ORDERS_ALL
+        pinned = getattr(layer, "order", "auto")
+        orders = (pinned,) if pinned in ORDERS_ALL else ORDERS_ALL
     try:
         return plan_layer(layer.sizes, int(tokens), dtype, profile, tuple(orders))
     except PlanError as exc:

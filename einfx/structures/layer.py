@@ -57,7 +57,8 @@ class EinsumLinear(nn.Module):
         name: the layer's name in its model, used in error messages.
 
     The forward pass takes (..., d_in) and returns (..., d_out), in float32, float16 or bfloat16.
-    ``order`` is the contraction order used ("xab", "xba" or "fold"); a planner may change it.
+    ``order`` is "auto" (the planner picks the order and layout per token count) or the order pinned by
+    `set_order` ("xab", "xba" or "fold"), which the planner then keeps.
     """
 
     def __new__(cls, *args, **kwargs):
@@ -76,7 +77,7 @@ class EinsumLinear(nn.Module):
         self.sizes: Sizes = self.structure.resolve(d_in, d_out, layer=name)
         self.in_features, self.out_features = d_in, d_out
         self.name = name
-        self.order = "fold" if self.sizes.dense else self.sizes.best_token_order()
+        self.order = "auto"
         self.projection_error: float | None = None
         factory = {"device": device, "dtype": dtype}
         if self.sizes.dense:
@@ -93,10 +94,10 @@ class EinsumLinear(nn.Module):
         return {"weight": self.weight} if self.sizes.dense else {"A": self.A, "B": self.B}
 
     def set_order(self, order: str) -> None:
-        if order not in ORDERS:
-            raise ValueError(f"unknown contraction order {order!r}; valid: {', '.join(ORDERS)}")
+        """Pin the contraction order (the planner still chooses the layout), or "auto" to unpin it."""
+        if order not in ORDERS + ("auto",):
+            raise ValueError(f"unknown contraction order {order!r}; valid: {', '.join(ORDERS + ('auto',))}")
         self.order = order
-        self._pinned_order = order  # the planner then only considers this order
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
