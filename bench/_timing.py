@@ -24,29 +24,29 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _calls_per_sample(fn: Callable[[], object], min_time: float) -> int:
+def _calls_per_sample(fn: Callable[[], object], min_time: float, clock=time.perf_counter) -> int:
     """How many back-to-back calls make one sample last at least ``min_time`` seconds."""
     number = 1
     while True:
         _sync()
-        start = time.perf_counter()
+        start = clock()
         for _ in range(number):
             fn()
         _sync()
-        elapsed = time.perf_counter() - start
+        elapsed = clock() - start
         if elapsed >= min_time or number >= 1 << 20:
             return number
         # aim a little past the target so that one more doubling is rarely needed
         number = max(number * 2, int(number * 1.2 * min_time / max(elapsed, 1e-9)))
 
 
-def _sample(fn: Callable[[], object], number: int) -> float:
+def _sample(fn: Callable[[], object], number: int, clock=time.perf_counter) -> float:
     _sync()
-    start = time.perf_counter()
+    start = clock()
     for _ in range(number):
         fn()
     _sync()
-    return (time.perf_counter() - start) / number
+    return (clock() - start) / number
 
 
 def median_time(fn: Callable[[], object], *, warmup: int = 3, repeat: int = 7, min_time: float = 0.02) -> float:
@@ -66,11 +66,12 @@ def median_time(fn: Callable[[], object], *, warmup: int = 3, repeat: int = 7, m
 
 
 def median_times(fns: dict[str, Callable[[], object]], *, warmup: int = 3, repeat: int = 7,
-                 min_time: float = 0.02) -> dict[str, float]:
+                 min_time: float = 0.02, clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Median seconds per call of several functions, measured side by side.
 
     The samples are interleaved (one sample of each function per round) so that a burst of load from other
-    processes affects every function in the same round. Arguments are those of `median_time`.
+    processes affects every function in the same round. Arguments are those of `median_time`; ``clock`` is
+    the timer (``time.process_time`` measures the process's CPU time: robust on a shared host, single thread).
 
     Returns:
         ``{name: median seconds per call}`` in the order of ``fns``.
@@ -80,11 +81,11 @@ def median_times(fns: dict[str, Callable[[], object]], *, warmup: int = 3, repea
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    numbers = {name: _calls_per_sample(fn, min_time) for name, fn in fns.items()}
+    numbers = {name: _calls_per_sample(fn, min_time, clock) for name, fn in fns.items()}
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeat):
         for name, fn in fns.items():
-            samples[name].append(_sample(fn, numbers[name]))
+            samples[name].append(_sample(fn, numbers[name], clock))
     return {name: statistics.median(values) for name, values in samples.items()}
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -26,8 +25,11 @@ import torch
 from torch import fx, nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
 
+from _timing import machine_description, median_times  # noqa: E402  (bench/ is the script's directory)
 from einfx import EinsumLinear, Structure  # noqa: E402
+from einfx.export.session import session  # noqa: E402
 from einfx.passes.fold import dense_linear, fold_decision  # noqa: E402
 from einfx.passes.lower import lower  # noqa: E402
 from einfx.rewriter.trace import EinfxTracer  # noqa: E402
@@ -70,31 +72,20 @@ def _variants(layer, tokens, profile):
     return {"dense": dense, "naive": _Naive(layer), "planned": planned}, decision
 
 
-def _interleaved(fns: dict, reps: int, sync=lambda: None) -> dict:
-    for fn in fns.values():
-        fn()
-    sync()
-    samples = {k: [] for k in fns}
-    for _ in range(reps):
-        for key, fn in fns.items():
-            start = _clock()
-            fn()
-            sync()
-            samples[key].append(_clock() - start)
-    return {k: statistics.median(v) for k, v in samples.items()}
+def _interleaved(fns: dict, reps: int) -> dict:
+    """Median seconds per call, samples interleaved round-robin; each sample repeats the call >= 20 ms."""
+    return median_times(fns, warmup=3, repeat=reps, min_time=0.02, clock=_clock)
 
 
 def _ort_session(module, x, path):
-    import onnxruntime as ort
-
+    """An onnxruntime run of the exported module through io-binding (output memory from onnxruntime's arena),
+    the way einfx deploys: the timed call is the session run alone. Spinning is off: with three sessions in
+    one process on two cores, the idle sessions' spinning threads would slow the timed one (2.5x measured);
+    it costs the structured graphs 5-8% when a session runs alone."""
     torch.onnx.export(module, (x,), path, dynamo=True, verbose=False)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = _THREADS
-    opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    feed = {name: x.numpy()}
-    return lambda: sess.run(None, feed)
+    sess = session(path, "cpu", threads=_THREADS, spinning=False)
+    binding = sess._binding(sess.place([x]), None)
+    return lambda: sess.inner.run_with_iobinding(binding)
 
 
 def _row(d, rank, flop_ratio, t, predicted, folded):
@@ -187,8 +178,8 @@ def main(argv=None):
     global _THREADS, _clock
     _THREADS, _clock = args.threads, _CLOCK[args.clock]
     dims = tuple(args.dims) if args.dims else (1024,) if args.quick else (1024, 4096)
-    print(f"# einfx lowering benchmark (torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{args.clock} clock, medians of {args.reps} interleaved runs, load average {os.getloadavg()[0]:.1f})\n")
+    print(f"# einfx lowering benchmark ({machine_description()}; {args.clock} clock, medians of {args.reps} "
+          f"interleaved samples of >= 20 ms, load average {os.getloadavg()[0]:.1f})\n")
     tables = {} if args.only_spearman else bench_cpu(dims, (1, 4), 512, args.reps, ort_too=not args.no_ort)
     for backend, rows in tables.items():
         if rows:
@@ -219,7 +210,7 @@ def bench_gpu(dims, ranks, tokens, reps):
             flop_ratio = (d * d) / layer.sizes.macs_per_token(layer.sizes.best_token_order())
             with torch.no_grad():
                 mods, dec = _variants(layer, tokens, gpu)
-                t = _interleaved({k: (lambda m=m: m(x)) for k, m in mods.items()}, reps * 3, torch.cuda.synchronize)
+                t = _interleaved({k: (lambda m=m: m(x)) for k, m in mods.items()}, reps * 3)
             pred = dec.dense_time if dec.fold else dec.structured_time
             rows.append(_row(d, rank, flop_ratio, t, pred, dec.fold))
     return rows

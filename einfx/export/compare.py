@@ -67,7 +67,8 @@ def demo_latency(dense_module: torch.nn.Module, optimized_module: torch.nn.Modul
                       dynamic_axes=dynamic_axes, device=device, latency_repeats=0)
         for name, mod in (("dense", dense_module), ("optimized", optimized_module))
     }
-    sessions = {name: session(rep.path, device) for name, rep in reports.items()}
+    # spinning off: the idle session's spinning threads would slow the timed one (see `session`)
+    sessions = {name: session(rep.path, device, spinning=False) for name, rep in reports.items()}
     inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     latencies = compare_latency(sessions, cast_inputs(inputs, dtype), rounds=rounds, repeats=repeats)
     table = sessions["dense"].message + "\n" + latency_table(reports, latencies, baseline="dense")

@@ -1,7 +1,8 @@
 """`calibrate(device)`: measure a `DeviceProfile` in well under a minute and store it.
 
 Measured: GEMM rate at a large square-ish shape (float32, and float16/bfloat16), the efficiency of a
-batched GEMM with small dimensions (solved for the half-efficiency dimension h), the bandwidth of a
+batched GEMM with small dimensions (solved for the half-efficiency dimension h) and its slowdown when it reads
+an operand through a transposed view, the bandwidth of a
 chunked copy, of an element-granular transpose and of a plain clone, the cost of one tiny kernel launch
 and of one view op. Each figure is the median of repeated timings.
 """
@@ -89,6 +90,10 @@ def calibrate(device="cpu", *, save: bool = True, path=None) -> DeviceProfile:
     xb = torch.randn(bsz, kk, nn, device=dev)
     small_rate = 2 * bsz * mm * kk * nn / run(lambda: torch.bmm(xa, xb))
     h = _solve_half_dim(small_rate / f32, (mm, nn, kk))
+    # the same GEMM reading its left operand through a transposed view (unit stride along the rows), stored
+    # as a planned intermediate is: contraction index outermost, the batch index between
+    xt = torch.randn(kk, bsz, mm, device=dev).permute(1, 2, 0)
+    transposed = run(lambda: torch.bmm(xt, xb)) * small_rate / (2 * bsz * mm * kk * nn)
     # bandwidths (bytes read + written)
     t = torch.randn(512, 64, 64, device=dev)
     copy_bw = 2 * t.numel() * 4 / run(lambda: t.permute(1, 0, 2).contiguous())
@@ -96,15 +101,18 @@ def calibrate(device="cpu", *, save: bool = True, path=None) -> DeviceProfile:
     transpose_bw = 2 * sq.numel() * 4 / run(lambda: sq.t().contiguous())
     tok = torch.randn(512, 64, 64, device=dev)
     block_bw = 2 * tok.numel() * 4 / run(lambda: tok.transpose(1, 2).contiguous())
+    # streaming copy into a preallocated destination (DRAM bandwidth; a clone would time page faults)
     flat = torch.randn(8 * 1024 * 1024, device=dev)
-    mem_bw = 2 * flat.numel() * 4 / run(lambda: flat.clone())
+    dst = torch.empty_like(flat)
+    mem_bw = 2 * flat.numel() * 4 / run(lambda: dst.copy_(flat))
     one = torch.ones(1, device=dev)
     launch = run(lambda: one.add(1.0), reps=5, inner=200)
     view = run(lambda: flat.view(1024, -1), reps=5, inner=500)
     profile = DeviceProfile(f"{kind}-calibrated", kind, flops_fp32=f32, flops_half=half, gemm_half_dim=h,
                             copy_bandwidth=copy_bw, transpose_bandwidth=transpose_bw, block_bandwidth=block_bw,
                             memory_bandwidth=mem_bw, cache_bytes=base.cache_bytes,
-                            launch_s=launch, view_s=view, strided_gemm=base.strided_gemm)
+                            launch_s=launch, view_s=view, transposed_read=max(1.0, transposed),
+                            strided_gemm=base.strided_gemm)
     if save:
         save_profile(profile, path)
     return profile

@@ -9,13 +9,15 @@ Value names: ``x`` (the input), the core names (``A``, ``B`` or ``weight``), and
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 
 from einfx.errors import PlanError
+from einfx.planning.workspace import Scratch, scratch
 
-__all__ = ["Step", "Plan", "execute", "OPS"]
+__all__ = ["Step", "Plan", "execute", "uses_scratch", "OPS"]
 
 # op -> number of tensor inputs; every op has exactly one output.
 OPS = {"pad": 1, "reshape": 1, "permute": 1, "expand": 1, "contiguous": 1, "crop": 1, "slice": 1, "matmul": 2, "restore": 2}
@@ -91,6 +93,45 @@ class Plan:
                 f"{self.copies} copies (naive {self.naive_time * 1e3:.3f} ms, dense {self.dense_time * 1e3:.3f} ms)")
 
 
+_VIEW_OPS = ("reshape", "permute", "expand", "crop", "slice", "restore")
+
+
+@lru_cache(maxsize=4096)
+def _scratch_values(plan: "Plan") -> frozenset[str]:
+    """Step outputs that may live in scratch memory: materialized values the plan output is not a view of."""
+    producer = {step.out: step for step in plan.steps}
+    escaping, name = set(), plan.output
+    while name in producer:
+        escaping.add(name)
+        step = producer[name]
+        if step.op not in _VIEW_OPS:
+            break
+        name = step.inputs[0]
+    return frozenset(s.out for s in plan.steps if s.op in ("matmul", "contiguous", "pad") and s.out not in escaping)
+
+
+def _matmul_shape(a: torch.Tensor, b: torch.Tensor) -> tuple[int, ...]:
+    if a.dim() < 2 or b.dim() < 2:
+        return ()
+    return tuple(torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])) + (a.shape[-2], b.shape[-1])
+
+
+def _apply_scratch(step: Step, vals: list, pad: Scratch):
+    """``_apply`` writing the result into scratch memory (ops: matmul, contiguous, pad)."""
+    v = vals[0]
+    if step.op == "matmul":
+        shape = _matmul_shape(v, vals[1])
+        if not shape:
+            return torch.matmul(v, vals[1])
+        return torch.matmul(v, vals[1], out=pad.empty(shape, v))
+    if step.op == "contiguous":
+        return pad.empty(tuple(v.shape), v).copy_(v)
+    out = pad.empty(tuple(v.shape[:-1]) + (v.shape[-1] + step.args[0],), v)
+    out[..., : v.shape[-1]].copy_(v)
+    out[..., v.shape[-1]:].zero_()
+    return out
+
+
 def _apply(step: Step, vals: list, env: dict):
     a = step.args
     v = vals[0]
@@ -115,24 +156,43 @@ def _apply(step: Step, vals: list, env: dict):
     raise PlanError(f"unknown plan op {step.op!r}")  # unreachable: Step validates op
 
 
+def uses_scratch(x: torch.Tensor, cores: dict[str, torch.Tensor]) -> bool:
+    """Whether `execute` runs on scratch memory: plain CPU tensors and no autograd graph being recorded."""
+    if type(x) is not torch.Tensor or x.device.type != "cpu" or x.layout != torch.strided:
+        return False
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(c.requires_grad for c in cores.values())):
+        return False
+    return all(type(c) in (torch.Tensor, torch.nn.Parameter) for c in cores.values())
+
+
 def execute(plan: Plan, x: torch.Tensor, cores: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Run ``plan`` on input ``x`` (..., d_in) with the layer's cores; returns (..., d_out) without bias."""
+    """Run ``plan`` on input ``x`` (..., d_in) with the layer's cores; returns (..., d_out) without bias.
+
+    The result is always a fresh tensor. In eager CPU inference (see `uses_scratch`) the intermediates live
+    in this thread's scratch memory (`einfx.planning.workspace`) instead of fresh allocations.
+    """
+    inplace = _scratch_values(plan) if uses_scratch(x, cores) else frozenset()
     block = plan.token_block
     if block and x.dim() >= 1 and isinstance(x.numel(), int) and x.numel() // max(1, x.shape[-1]) > block:
         flat = x.reshape(-1, x.shape[-1])
-        ys = [_run_steps(plan, chunk, cores) for chunk in flat.split(block)]
+        ys = [_run_steps(plan, chunk, cores, inplace) for chunk in flat.split(block)]
         y = torch.cat(ys)
         return y.reshape(*x.shape[:-1], y.shape[-1])
-    return _run_steps(plan, x, cores)
+    return _run_steps(plan, x, cores, inplace)
 
 
-def _run_steps(plan: Plan, x: torch.Tensor, cores: dict[str, torch.Tensor]) -> torch.Tensor:
+def _run_steps(plan: Plan, x: torch.Tensor, cores: dict[str, torch.Tensor], inplace=frozenset()) -> torch.Tensor:
     env: dict[str, torch.Tensor] = {"x": x, **cores}
+    pad = scratch() if inplace else None
     for step in plan.steps:
         try:
             vals = [env[name] for name in step.inputs]
         except KeyError as exc:
             raise PlanError(f"plan step {step} reads {exc.args[0]!r}, which no earlier step wrote; "
                             f"available: {sorted(env)}") from exc
-        env[step.out] = _apply(step, vals, env)
+        env[step.out] = _apply_scratch(step, vals, pad) if step.out in inplace else _apply(step, vals, env)
+    if pad is not None:
+        pad.close()
     return env[plan.output]

@@ -88,16 +88,26 @@ def _run(src, dst, sz) -> int:
     return run
 
 
-def _fast_strided(inner: str, m, k, side: str, profile: DeviceProfile) -> bool:
-    """Whether a GEMM reads a strided activation (innermost index ``inner``) at full speed.
+def _slab(src, dst, sz) -> int:
+    """Elements of the blocks a copy permutes within: the indices after the outer ones that the source and
+    the destination share, in order. Blocks that fit in cache are transposed at block bandwidth
+    (``block`` in `copy_cost`)."""
+    common = 0
+    while common < min(len(src), len(dst)) and src[common] == dst[common]:
+        common += 1
+    return math.prod(sz[i] for i in src[common:])
 
-    CUDA (cuBLAS strided-batched): any operand whose rows or columns have unit stride. CPU (MKL through
-    torch's bmm), measured: only a left operand whose contracted index has unit stride; a strided right
-    operand, or a left one with unit stride along M, ran about 3x slower than a contiguous copy + GEMM.
+
+def _fast_strided(inner: str, m, k, side: str, profile: DeviceProfile) -> bool:
+    """Whether a GEMM reads a strided activation (innermost index ``inner``) without a copy.
+
+    Any operand whose rows or columns have unit stride: cuBLAS strided-batched GEMM and MKL (through torch's
+    bmm) take it as a transposed operand. Measured on CPU (d = 1024, 512 tokens, scratch memory): a left
+    operand with unit stride along M ran 1.4x slower than a contiguous one, a strided right operand 1.15x,
+    against 3-4x for a copy plus the GEMM. (Without scratch memory, when every copy also page-faulted, this
+    used to look the other way round.)
     """
-    if profile.device == "cuda":
-        return inner in m or inner in k
-    return side == "left" and inner in k
+    return inner in m or inner in k
 
 
 def _shape(indices, sz) -> tuple[int, ...]:
@@ -172,7 +182,8 @@ def _gemm_step(b: _Builder, pname: str, p_layout, core: str, q_layout, batch, co
     else:
         v = b.add("permute", (b.add("reshape", (pname,), _shape(p_layout, sz)),), perm)
     if needs_copy and not staged:
-        b.copy(tokens_elems, itemsize, _run(p_layout, target, sz), _note(p_layout, target))
+        b.copy(tokens_elems, itemsize, _run(p_layout, target, sz), _note(p_layout, target),
+               _slab(p_layout, target, sz))
         if prof.strided_gemm:  # torch would read the strided view slowly (or not at all): copy it now
             v = b.add("contiguous", (v,), cost=ZERO)
     if not mergeable and not staged:
@@ -195,7 +206,12 @@ def _gemm_step(b: _Builder, pname: str, p_layout, core: str, q_layout, batch, co
     c = b.add("reshape", (c,), _group_shape(qgroups, sz))
     out = b.add("matmul", (v, c) if side == "left" else (c, v), cost=ZERO)
     size = lambda idx: math.prod(sz[i] for i in idx)  # noqa: E731
-    b.cost = b.cost + gemm_cost(size(bt), size(m), size(q_order), size(k), itemsize, dtype, prof)
+    gemm = gemm_cost(size(bt), size(m), size(q_order), size(k), itemsize, dtype, prof)
+    # a left operand read through a transposed view (unit stride along its rows); measured on CPU, a right
+    # operand with a unit-stride contraction index runs at nearly full speed (1.15x), so it is not charged
+    if prof.strided_gemm and not needs_copy and not staged and side == "left" and p_layout[-1] in m:
+        gemm = replace(gemm, time=gemm.time * prof.transposed_read)
+    b.cost = b.cost + gemm
     return out, tuple(bt + (m + list(q_order) if side == "left" else list(q_order) + m))
 
 
@@ -206,8 +222,7 @@ def _finish(b: _Builder, yname: str, y_layout, sizes: Sizes, sz, itemsize: int) 
     v = b.add("reshape", (yname,), _shape(y_layout, sz))
     if perm != tuple(range(len(perm))):
         v = b.add("permute", (v,), perm)
-        b.copy(elems, itemsize, _run(y_layout, target, sz),
-               f"copy {''.join(_LETTER[i] for i in y_layout)}→{''.join(_LETTER[i] for i in target)}")
+        b.copy(elems, itemsize, _run(y_layout, target, sz), _note(y_layout, target), _slab(y_layout, target, sz))
     v = b.add("reshape", (v,), (-1, sizes.out_padded))
     if sizes.out_padded != sizes.d_out:
         v = b.add("slice", (v,), (sizes.d_out,), cost=view_cost(b.profile))
@@ -332,6 +347,9 @@ def plan_layer(sizes: Sizes, tokens: int, dtype: str = "float32", profile: Devic
 
 # Token blocks tried for eager CPU execution: powers of two from MIN_TOKEN_BLOCK up to half the tokens.
 MIN_TOKEN_BLOCK = 16
+# Blocking must be predicted this much faster than the whole-batch plan: each chunk re-issues every step
+# from Python and runs smaller, less efficient GEMMs, which the per-step constants only partly capture.
+BLOCK_GAIN = 0.9
 
 
 def _blocked(plan: Plan, sizes: Sizes, tokens: int, dtype: str, profile: DeviceProfile,
@@ -352,7 +370,7 @@ def _blocked(plan: Plan, sizes: Sizes, tokens: int, dtype: str, profile: DeviceP
         if sub.order in ("xab", "xba") and not sub.token_block:
             chunks = -(-tokens // block)
             time = chunks * sub.time + concat + chunks * profile.view_s
-            if time < plan.time and (best is None or time < best[0]):
+            if time < BLOCK_GAIN * plan.time and (best is None or time < best[0]):
                 best = (time, block, sub)
         block *= 2
     if best is None:

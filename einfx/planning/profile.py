@@ -20,7 +20,7 @@ from einfx.errors import ProfileError
 __all__ = ["DeviceProfile", "PROFILE_VERSION", "default_profile", "flops_only_profile", "cache_dir",
            "profile_path", "save_profile", "load_profile", "device_key"]
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2: transposed_read
 _HALF = ("float16", "bfloat16")
 
 
@@ -41,6 +41,9 @@ class DeviceProfile:
         cache_bytes: bytes per primitive that move at cache speed (copy bandwidth for a GEMM's operands).
         launch_s: fixed cost of one kernel (GEMM, copy).
         view_s: fixed cost of one view op (reshape, permute) in eager execution.
+        transposed_read: GEMM time factor when the GEMM reads an activation through a transposed strided view
+            (unit stride along the rows of a left operand or the contraction of a right one) instead of in its
+            natural row-major layout.
         strided_gemm: whether the GEMM reads an operand through a strided view without copying it.
         version: the file format version (``PROFILE_VERSION``).
     """
@@ -57,6 +60,7 @@ class DeviceProfile:
     cache_bytes: float
     launch_s: float
     view_s: float
+    transposed_read: float = 1.0
     strided_gemm: bool = True
     version: int = PROFILE_VERSION
 
@@ -103,20 +107,21 @@ def default_profile(device: str = "cpu") -> DeviceProfile:
     """Built-in constants for ``"cpu"`` (a 2-core AVX2/AVX-512 host) or ``"cuda"`` (an H100/H200-class GPU)."""
     kind = device_key(device)
     if kind == "cpu":
-        # measured on the project's 2-core host, one thread (bench/lowering.py --threads 1 --clock cpu)
-        return DeviceProfile("cpu-default", "cpu", flops_fp32=8.5e10, flops_half=1.3e9, gemm_half_dim=12.0,
-                             copy_bandwidth=2e10, transpose_bandwidth=2.5e9, block_bandwidth=9e9, memory_bandwidth=3e9,
-                             cache_bytes=4 * 2**20, launch_s=4e-6, view_s=1.2e-6)
+        # einfx.calibrate("cpu") on the project's 2-core host with one thread (medians of three runs)
+        return DeviceProfile("cpu-default", "cpu", flops_fp32=8.9e10, flops_half=1.35e9, gemm_half_dim=5.5,
+                             copy_bandwidth=2.8e10, transpose_bandwidth=6.4e9, block_bandwidth=1.03e10,
+                             memory_bandwidth=1.85e10, cache_bytes=4 * 2**20, launch_s=3.5e-6, view_s=1.2e-6,
+                             transposed_read=1.4)
     return DeviceProfile("cuda-default", "cuda", flops_fp32=5e13, flops_half=7e14, gemm_half_dim=128.0,
                          copy_bandwidth=3.5e12, transpose_bandwidth=1.5e12, block_bandwidth=2e12, memory_bandwidth=3.5e12,
-                         cache_bytes=50 * 2**20, launch_s=5e-6, view_s=1e-6)
+                         cache_bytes=50 * 2**20, launch_s=5e-6, view_s=1e-6, transposed_read=1.0)
 
 
 def flops_only_profile() -> DeviceProfile:
     """A profile where only FLOPs cost time (bytes, launches and small-dimension effects are free)."""
     return DeviceProfile("flops-only", "cpu", flops_fp32=1e12, flops_half=1e12, gemm_half_dim=0.0,
                          copy_bandwidth=1e300, transpose_bandwidth=1e300, block_bandwidth=1e300, memory_bandwidth=1e300,
-                         cache_bytes=0.0, launch_s=0.0, view_s=0.0)
+                         cache_bytes=0.0, launch_s=0.0, view_s=0.0, transposed_read=1.0)
 
 
 def device_key(device) -> str:

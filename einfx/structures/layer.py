@@ -109,6 +109,7 @@ class EinsumLinear(nn.Module):
             y = torch.matmul(x, self.weight.t())
         else:
             from einfx.planning import execute, plan_for
+            from einfx.planning.plan import uses_scratch
             from einfx.planning.profile import default_profile
 
             # traced / symbolic token counts plan for 512 tokens: the plan's steps run at any count
@@ -119,7 +120,10 @@ class EinsumLinear(nn.Module):
                                      or torch.compiler.is_exporting()):
                 # a captured graph must serve every token count: run the plan on the whole batch
                 plan = dataclasses.replace(plan, token_block=0)
-            y = execute(plan, x, self.cores())
+            cores = self.cores()
+            y = execute(plan, x, cores)
+            if self.bias is not None and uses_scratch(x, cores):
+                return y.add_(self.bias)  # y is a fresh tensor (execute's contract): no second allocation
         return y + self.bias if self.bias is not None else y
 
     @torch.no_grad()
