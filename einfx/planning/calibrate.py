@@ -112,6 +112,7 @@ def calibrate(device="cpu", *, save: bool = True, path=None) -> DeviceProfile:
                             copy_bandwidth=copy_bw, transpose_bandwidth=transpose_bw, block_bandwidth=block_bw,
                             memory_bandwidth=mem_bw, cache_bytes=base.cache_bytes,
                             launch_s=launch, view_s=view, transposed_read=max(1.0, transposed),
+                            threads=torch.get_num_threads() if kind == "cpu" else 1,
                             strided_gemm=base.strided_gemm)
     if save:
         save_profile(profile, path)

@@ -13,6 +13,7 @@ import json
 import os
 import tempfile
 from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 
 from einfx.errors import ProfileError
@@ -41,6 +42,7 @@ class DeviceProfile:
         cache_bytes: bytes per primitive that move at cache speed (copy bandwidth for a GEMM's operands).
         launch_s: fixed cost of one kernel (GEMM, copy).
         view_s: fixed cost of one view op (reshape, permute) in eager execution.
+        threads: CPU intra-op threads the constants hold for (1 for CUDA).
         transposed_read: GEMM time factor when the GEMM reads an activation through a transposed strided view
             (unit stride along the rows of a left operand or the contraction of a right one) instead of in its
             natural row-major layout.
@@ -61,6 +63,7 @@ class DeviceProfile:
     launch_s: float
     view_s: float
     transposed_read: float = 1.0
+    threads: int = 1
     strided_gemm: bool = True
     version: int = PROFILE_VERSION
 
@@ -103,18 +106,50 @@ class DeviceProfile:
         return cls(**data)
 
 
-def default_profile(device: str = "cpu") -> DeviceProfile:
-    """Built-in constants for ``"cpu"`` (a 2-core AVX2/AVX-512 host) or ``"cuda"`` (an H100/H200-class GPU)."""
+# Per-thread efficiency of the CPU defaults beyond one thread. Measured on the project's 2-core host with
+# einfx.calibrate at 2 threads against 1: GEMM 1.93x, copies 1.75x, block transposes 2.0x, DRAM copy 1.7x.
+_THREAD_EFFICIENCY = 0.9
+
+
+def default_profile(device: str = "cpu", threads: int | None = None) -> DeviceProfile:
+    """Built-in constants for ``"cpu"`` (a 2-core AVX2/AVX-512 host) or ``"cuda"`` (an H100/H200-class GPU).
+
+    Args:
+        device: ``"cpu"`` or ``"cuda"`` (a device string or torch.device works too).
+        threads: CPU intra-op threads the plans will run with (default: ``torch.get_num_threads()``). The
+            one-thread constants are scaled by ``1 + 0.9 (threads - 1)``; `einfx.calibrate` measures instead.
+    """
     kind = device_key(device)
     if kind == "cpu":
-        # einfx.calibrate("cpu") on the project's 2-core host with one thread (medians of three runs)
-        return DeviceProfile("cpu-default", "cpu", flops_fp32=8.9e10, flops_half=1.35e9, gemm_half_dim=5.5,
-                             copy_bandwidth=2.8e10, transpose_bandwidth=6.4e9, block_bandwidth=1.03e10,
-                             memory_bandwidth=1.85e10, cache_bytes=4 * 2**20, launch_s=3.5e-6, view_s=1.2e-6,
-                             transposed_read=1.4)
-    return DeviceProfile("cuda-default", "cuda", flops_fp32=5e13, flops_half=7e14, gemm_half_dim=128.0,
-                         copy_bandwidth=3.5e12, transpose_bandwidth=1.5e12, block_bandwidth=2e12, memory_bandwidth=3.5e12,
-                         cache_bytes=50 * 2**20, launch_s=5e-6, view_s=1e-6, transposed_read=1.0)
+        if threads is None:
+            import torch
+
+            threads = torch.get_num_threads()
+        return _cpu_default(max(1, int(threads)))
+    return _CUDA_DEFAULT
+
+
+@lru_cache(maxsize=64)
+def _cpu_default(threads: int) -> DeviceProfile:
+    # einfx.calibrate("cpu") on the project's 2-core host with one thread (medians of three runs)
+    one = DeviceProfile("cpu-default", "cpu", flops_fp32=8.9e10, flops_half=1.35e9, gemm_half_dim=5.5,
+                        copy_bandwidth=2.8e10, transpose_bandwidth=6.4e9, block_bandwidth=1.03e10,
+                        memory_bandwidth=1.85e10, cache_bytes=4 * 2**20, launch_s=3.5e-6, view_s=1.2e-6,
+                        transposed_read=1.4)
+    if threads == 1:
+        return one
+    k = 1 + _THREAD_EFFICIENCY * (threads - 1)
+    return replace(one, name=f"cpu-default-{threads}t", threads=threads, flops_fp32=one.flops_fp32 * k,
+                   flops_half=one.flops_half * k, copy_bandwidth=one.copy_bandwidth * k,
+                   transpose_bandwidth=one.transpose_bandwidth * k, block_bandwidth=one.block_bandwidth * k,
+                   memory_bandwidth=one.memory_bandwidth * k)
+
+
+_CUDA_DEFAULT = DeviceProfile("cuda-default", "cuda", flops_fp32=5e13, flops_half=7e14, gemm_half_dim=128.0,
+                              copy_bandwidth=3.5e12, transpose_bandwidth=1.5e12, block_bandwidth=2e12,
+                              memory_bandwidth=3.5e12, cache_bytes=50 * 2**20, launch_s=5e-6, view_s=1e-6,
+                              transposed_read=1.0)
+
 
 
 def flops_only_profile() -> DeviceProfile:

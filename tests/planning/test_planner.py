@@ -1,6 +1,7 @@
 """Plans: every candidate equals the reference einsum (forward and backward); FLOPs-only choices never exceed
 opt_einsum's optimum; plans are cached, deterministic and never worse than the naive plan they report."""
 
+import dataclasses
 import random
 
 import opt_einsum as oe
@@ -9,7 +10,9 @@ import torch
 
 from einfx import EinsumLinear, Structure
 from einfx.errors import PlanError, ShapeError
-from einfx.planning import all_plans, default_profile, execute, flops_only_profile, plan_for, plan_layer
+from einfx.planning import (all_plans, copy_cost, default_profile, execute, flops_only_profile, plan_for,
+                            plan_layer)
+from einfx.planning.plan import _apply
 from einfx.structures import functional as Fn
 
 
@@ -117,6 +120,44 @@ def test_btt_plan_reads_strided_operands_where_the_backend_can():
     assert {st.op for st in strided.steps} <= {"reshape", "permute", "contiguous", "matmul", "restore"}
     cpu = plan_layer(s, 512, "float32", default_profile("cpu"))
     assert cpu.time <= cpu.naive_time and cpu.flops == 2 * 512 * s.macs_per_token("xab")
+
+
+def _left_transposed_reads(plan, x, cores) -> int:
+    """Matmuls whose left operand is an activation with unit stride along its rows (a transposed view)."""
+    env = {"x": x, **cores}
+    count = 0
+    for st in plan.steps:
+        vals = [env[i] for i in st.inputs]
+        if st.op == "matmul" and st.inputs[0] not in cores:
+            count += vals[0].stride(-2) == 1 and vals[0].stride(-1) != 1
+        env[st.out] = _apply(st, vals, env)
+    return count
+
+
+def test_transposed_read_factor_steers_the_cpu_plan():
+    # BTT rank 1, d = 1024: 32 x 32 blocks. A left operand read through a transposed view costs the GEMM
+    # transposed_read times its time; when that is prohibitive the planner reads activations naturally.
+    s = EinsumLinear(1024, 1024, Structure.btt(rank=1)).sizes
+    base = default_profile("cpu", threads=1)
+    free = plan_layer(s, 512, "float32", dataclasses.replace(base, transposed_read=1.0))
+    dear = plan_layer(s, 512, "float32", dataclasses.replace(base, transposed_read=50.0))
+    layer = EinsumLinear(1024, 1024, Structure.btt(rank=1), bias=False)
+    x, cores = torch.randn(512, 1024), {k: v.detach() for k, v in layer.cores().items()}
+    assert _left_transposed_reads(free, x, cores) == 1 and _left_transposed_reads(dear, x, cores) == 0
+    assert free.time < dear.time
+    want = Fn.reference(x.double(), layer.A.double(), layer.B.double(), s)
+    for plan in (free, dear):
+        got = execute(plan, x, cores)
+        assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
+
+
+def test_copy_cost_block_bandwidth_only_when_blocks_fit_in_cache():
+    prof = default_profile("cpu", threads=1)
+    fits = copy_cost(2**20, 4, 1, prof, block=2**20)  # one 4 MiB block = cache_bytes
+    spills = copy_cost(2**20, 4, 1, prof, block=2**21)
+    assert fits.time == pytest.approx(8 * 2**20 / prof.block_bandwidth + prof.launch_s)
+    assert spills.time == pytest.approx(8 * 2**20 / prof.transpose_bandwidth + prof.launch_s, rel=0.5)
+    assert spills.time > fits.time
 
 
 def test_layer_cost_reports_the_plan_used():

@@ -4,6 +4,7 @@ to defaults only on request; calibration writes a profile that loads back."""
 import json
 
 import pytest
+import torch
 
 from einfx.errors import ProfileError
 from einfx.planning import DeviceProfile, calibrate, default_profile, load_profile, save_profile
@@ -85,4 +86,27 @@ def test_calibrate_stores_a_loadable_profile(cache):
     prof = calibrate("cpu")
     assert isinstance(prof, DeviceProfile) and prof.name == "cpu-calibrated"
     assert prof.flops_fp32 > 0 and prof.copy_bandwidth > 0 and prof.launch_s > 0
+    assert prof.threads == torch.get_num_threads() and prof.transposed_read >= 1.0
     assert load_profile("cpu") == prof
+
+
+def test_cpu_default_scales_with_threads_and_cuda_does_not():
+    one, four = default_profile("cpu", threads=1), default_profile("cpu", threads=4)
+    assert (one.threads, four.threads) == (1, 4) and one.name == "cpu-default"
+    assert four.flops_fp32 == pytest.approx(one.flops_fp32 * 3.7)
+    assert four.copy_bandwidth == pytest.approx(one.copy_bandwidth * 3.7)
+    assert (four.launch_s, four.view_s, four.gemm_half_dim) == (one.launch_s, one.view_s, one.gemm_half_dim)
+    assert default_profile("cpu") == default_profile("cpu", threads=torch.get_num_threads())
+    assert default_profile("cuda") is default_profile("cuda", threads=8)
+
+
+def test_version_1_files_are_refused_with_the_fix(cache):
+    data = default_profile("cpu").to_dict()
+    del data["transposed_read"], data["threads"]
+    data["version"] = 1
+    path = cache / "old.json"
+    cache.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match=r"old\.json: version 1 is not supported .*calibrate"):
+        load_profile("cpu", path)
+    assert load_profile("cpu", path, fallback=True) == default_profile("cpu")
