@@ -79,11 +79,10 @@ def _interleaved(fns: dict, reps: int) -> dict:
 
 def _ort_session(module, x, path):
     """An onnxruntime run of the exported module through io-binding (output memory from onnxruntime's arena),
-    the way einfx deploys: the timed call is the session run alone. Spinning is off: with three sessions in
-    one process on two cores, the idle sessions' spinning threads would slow the timed one (2.5x measured);
-    it costs the structured graphs 5-8% when a session runs alone."""
+    the way einfx deploys: the timed call is the session run alone. The sessions share one thread pool:
+    with a pool each, the idle sessions' spinning threads slow the timed one (2.5x measured on 2 cores)."""
     torch.onnx.export(module, (x,), path, dynamo=True, verbose=False)
-    sess = session(path, "cpu", threads=_THREADS, spinning=False)
+    sess = session(path, "cpu", threads=_THREADS, shared_pool=True)
     binding = sess._binding(sess.place([x]), None)
     return lambda: sess.inner.run_with_iobinding(binding)
 
@@ -162,6 +161,53 @@ def bench_spearman(tokens, reps, per_layer=4):
     return rho, pairs
 
 
+FOLD_STRUCTURES = {
+    "btt(1)": lambda: Structure.btt(rank=1), "btt(2)": lambda: Structure.btt(rank=2),
+    "btt(4)": lambda: Structure.btt(rank=4), "monarch": Structure.monarch, "kronecker": Structure.kronecker,
+    "tensor_train(2)": lambda: Structure.tensor_train(rank=2),
+    "low_rank(1/4)": lambda: Structure.low_rank(rank_frac=0.25),
+}
+
+
+def bench_fold(dims, tokens, reps, ort_too=True):
+    """Every structure at small and mid sizes, after fold-to-dense: the layer as deployed vs dense.
+
+    A folded layer runs the same dense layer as the baseline (speedup 1 by construction, not re-measured).
+    Returns table rows and the smallest measured speedup of a layer that stayed structured, per backend.
+    """
+    cpu = default_profile("cpu")
+    rows, worst = [], {"torch": float("inf"), "onnxruntime": float("inf")}
+    for d in dims:
+        for name, make in FOLD_STRUCTURES.items():
+            torch.manual_seed(0)
+            layer = EinsumLinear(d, d, make()).eval()
+            x = torch.randn(tokens, d)
+            cells = []
+            for backend, prof in (("torch", cpu), ("onnxruntime", cpu.with_backend("onnxruntime"))):
+                if backend == "onnxruntime" and not ort_too:
+                    cells.append("–")
+                    continue
+                with torch.no_grad():
+                    mods, dec = _variants(layer, tokens, prof)
+                    if dec.fold:
+                        cells.append(f"folded (pred {dec.dense_time / dec.structured_time:.2f}x)")
+                        continue
+                    if backend == "torch":
+                        fns = {k: (lambda m=mods[k]: m(x)) for k in ("dense", "planned")}
+                        t = _interleaved(fns, reps)
+                    else:
+                        with tempfile.TemporaryDirectory() as tmp:
+                            fns = {k: _ort_session(mods[k], x, os.path.join(tmp, f"{k}.onnx"))
+                                   for k in ("dense", "planned")}
+                            t = _interleaved(fns, reps)
+                sp = t["dense"] / t["planned"]
+                worst[backend] = min(worst[backend], sp)
+                cells.append(f"{sp:.2f}x (pred {dec.dense_time / dec.structured_time:.2f}x)")
+            rows.append(f"| {d} | {name} | {cells[0]} | {cells[1]} |")
+        print(f"  fold sweep d={d} done", file=sys.stderr, flush=True)
+    return rows, worst
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="d = 1024 only, fewer repetitions")
@@ -169,6 +215,7 @@ def main(argv=None):
     ap.add_argument("--no-ort", action="store_true")
     ap.add_argument("--no-spearman", action="store_true")
     ap.add_argument("--only-spearman", action="store_true")
+    ap.add_argument("--no-fold-sweep", action="store_true", help="skip the fold-to-dense sweep (small layers)")
     ap.add_argument("--threads", type=int, default=2, help="torch and onnxruntime intra-op threads")
     ap.add_argument("--clock", choices=tuple(_CLOCK), default="wall",
                     help="wall: wall-clock time; cpu: process CPU time (robust on a shared host, use --threads 1)")
@@ -190,6 +237,13 @@ def main(argv=None):
         print("\n".join(bench_gpu(dims, (1, 4), 8192, args.reps)) + "\n")
     else:
         print("(no GPU here: GPU rows skipped)\n")
+    if not (args.quick or args.no_fold_sweep or args.only_spearman):
+        rows, worst = bench_fold((64, 128, 256, 512), 512, args.reps, ort_too=not args.no_ort)
+        print("## Fold-to-dense sweep, CPU float32, 512 tokens: speedup over dense as deployed\n"
+              "| d | structure | torch | onnxruntime |\n|---|---|---|---|")
+        print("\n".join(rows))
+        print(f"\nSlowest layer that stayed structured: torch {worst['torch']:.2f}x, onnxruntime "
+              f"{worst['onnxruntime']:.2f}x dense.\n")
     if args.no_spearman:
         return
     rho, pairs = bench_spearman(512, max(3, args.reps - 2))

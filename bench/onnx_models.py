@@ -112,8 +112,8 @@ def main(argv=None) -> int:
             reports[name] = to_onnx(module, inputs, os.path.join(args.out, f"{key}_{name}.onnx"), device=args.device,
                                     dynamic_batch=not static, latency_repeats=0,
                                     verify_inputs=[] if static else None)
-        # spinning off: the idle session's spinning threads would slow the timed one (see einfx session())
-        sessions = {name: session(r.path, args.device, spinning=False) for name, r in reports.items()}
+        # one shared thread pool: the idle session's spinning threads would slow the timed one (einfx session())
+        sessions = {name: session(r.path, args.device, shared_pool=True) for name, r in reports.items()}
         lat = compare_latency(sessions, inputs, rounds=args.rounds, repeats=args.repeats)
         shape = "x".join(map(str, inputs[0].shape))
         print(f"\n## {key} (input {shape}, float32, {args.frontend}; build+export+verify {time.time() - start:.0f} s)")

@@ -167,13 +167,23 @@ class Session:
         return Latency(statistics.median(times), min(times), max(times), repeats, self.provider)
 
 
-def _options(threads: int | None, spinning: bool | None = None):
+_SHARED_POOL: list[int] = []  # the size onnxruntime's process-wide pool was created with (it exists once)
+
+
+def _options(threads: int | None, spinning: bool | None = None, shared_pool: bool = False):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3  # errors only: onnxruntime warns about every constant-folded node otherwise
-    if threads is not None:
+    if shared_pool and not _SHARED_POOL:
+        # onnxruntime creates its process-wide pool once per process and refuses to be configured again
+        ort.set_global_thread_pool_sizes(int(threads or 0), 1)
+        _SHARED_POOL.append(int(threads or 0))
+    if _SHARED_POOL:
+        # once the process-wide pool exists, onnxruntime refuses sessions with pools of their own
+        opts.use_per_session_threads = False
+    elif threads is not None:
         opts.intra_op_num_threads = int(threads)
     if spinning is not None:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
@@ -197,7 +207,7 @@ def resolve_device(device: str = "auto") -> str:
 
 
 def session(path: str | os.PathLike, device: str = "auto", *, threads: int | None = None,
-            spinning: bool | None = None) -> Session:
+            spinning: bool | None = None, shared_pool: bool = False) -> Session:
     """Open an ONNX file in onnxruntime with full graph optimization.
 
     Args:
@@ -206,7 +216,14 @@ def session(path: str | os.PathLike, device: str = "auto", *, threads: int | Non
         threads: onnxruntime intra-op threads (default: onnxruntime's choice, one per physical core).
         spinning: whether idle intra-op threads spin-wait for work (default: onnxruntime's, yes). Spinning
             lowers one session's latency but, with several sessions in one process on few cores, the idle
-            sessions' spinning threads slow the running one (measured 2.5x on 2 cores); pass False there.
+            sessions' spinning threads slow the running one (measured 2.5x on 2 cores); pass False there,
+            or share one pool.
+        shared_pool: run on onnxruntime's process-wide intra-op thread pool instead of a pool of the
+            session's own, so that several sessions in one process (dense and optimized, side by side) do
+            not compete through their idle spinning threads. Process-wide and for good: the first shared
+            session fixes the pool's size (``threads``, default one thread per core), every later einfx
+            session joins it (its ``threads`` ignored), and onnxruntime then refuses other sessions created
+            without ``use_per_session_threads = False``. Meant for benchmark processes.
 
     Raises:
         ExportError: an unknown device, ``"cuda"`` without the CUDA provider, or a file onnxruntime refuses.
@@ -219,7 +236,8 @@ def session(path: str | os.PathLike, device: str = "auto", *, threads: int | Non
         raise ExportError(f"no ONNX file at {path!r}")
     providers = [_CUDA, _CPU] if use_cuda else [_CPU]
     try:
-        inner = ort.InferenceSession(path, sess_options=_options(threads, spinning), providers=providers)
+        inner = ort.InferenceSession(path, sess_options=_options(threads, spinning, shared_pool),
+                                     providers=providers)
     except Exception as exc:  # onnxruntime raises its own pybind exception types
         raise ExportError(f"onnxruntime could not load {path!r} with {providers[0]}: {exc}") from exc
     chosen = inner.get_providers()[0]

@@ -2,7 +2,7 @@
 
 Measured: GEMM rate at a large square-ish shape (float32, and float16/bfloat16), the efficiency of a
 batched GEMM with small dimensions (solved for the half-efficiency dimension h) and its slowdown when it reads
-an operand through a transposed view, the bandwidth of a
+an operand through a transposed view, the fixed cost of an eager structured-layer call, the bandwidth of a
 chunked copy, of an element-granular transpose and of a plain clone, the cost of one tiny kernel launch
 and of one view op. Each figure is the median of repeated timings.
 """
@@ -59,6 +59,22 @@ def _small_rate(run, dtype) -> float:
     return 2 * 128 * 256 * 256 / run(lambda: a @ b, reps=3)
 
 
+def _with_call_cost(profile: DeviceProfile, dev: torch.device, run) -> DeviceProfile:
+    """Measure ``call_s``: an eager call of a tiny structured layer minus what its steps are predicted to cost."""
+    from dataclasses import replace
+
+    from einfx.planning.planner import plan_layer
+    from einfx.structures.layer import EinsumLinear
+    from einfx.structures.structure import Structure
+
+    layer = EinsumLinear(64, 64, Structure.btt(rank=1), device=dev).eval()
+    x = torch.randn(1, 64, device=dev)
+    with torch.no_grad():
+        measured = run(lambda: layer(x), reps=5, inner=200)
+    steps = plan_layer(layer.sizes, 1, "float32", replace(profile, call_s=0.0)).time
+    return replace(profile, call_s=max(0.0, measured - steps))
+
+
 def calibrate(device="cpu", *, save: bool = True, path=None) -> DeviceProfile:
     """Measure the cost-model constants of ``device`` ("cpu" or "cuda[:i]") and (by default) store them.
 
@@ -108,12 +124,12 @@ def calibrate(device="cpu", *, save: bool = True, path=None) -> DeviceProfile:
     one = torch.ones(1, device=dev)
     launch = run(lambda: one.add(1.0), reps=5, inner=200)
     view = run(lambda: flat.view(1024, -1), reps=5, inner=500)
-    profile = DeviceProfile(f"{kind}-calibrated", kind, flops_fp32=f32, flops_half=half, gemm_half_dim=h,
+    profile = _with_call_cost(DeviceProfile(f"{kind}-calibrated", kind, flops_fp32=f32, flops_half=half, gemm_half_dim=h,
                             copy_bandwidth=copy_bw, transpose_bandwidth=transpose_bw, block_bandwidth=block_bw,
                             memory_bandwidth=mem_bw, cache_bytes=base.cache_bytes,
                             launch_s=launch, view_s=view, transposed_read=max(1.0, transposed),
                             threads=torch.get_num_threads() if kind == "cpu" else 1,
-                            strided_gemm=base.strided_gemm)
+                            strided_gemm=base.strided_gemm), dev, run)
     if save:
         save_profile(profile, path)
     return profile

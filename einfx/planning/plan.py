@@ -9,13 +9,13 @@ Value names: ``x`` (the input), the core names (``A``, ``B`` or ``weight``), and
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 
 from einfx.errors import PlanError
-from einfx.planning.workspace import Scratch, scratch
+from einfx.planning.codegen import compiled
+from einfx.planning.workspace import scratch
 
 __all__ = ["Step", "Plan", "execute", "uses_scratch", "OPS"]
 
@@ -83,6 +83,10 @@ class Plan:
     output: str = field(default="y")
     token_block: int = 0
 
+    def __getstate__(self) -> dict:
+        # the compiled code cached on the plan (einfx.planning.codegen) is rebuilt on demand, not pickled
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_einfx")}
+
     @property
     def speedup_vs_dense(self) -> float:
         """Predicted dense time / this plan's time."""
@@ -96,9 +100,15 @@ class Plan:
 _VIEW_OPS = ("reshape", "permute", "expand", "crop", "slice", "restore")
 
 
-@lru_cache(maxsize=4096)
 def _scratch_values(plan: "Plan") -> frozenset[str]:
     """Step outputs that may live in scratch memory: materialized values the plan output is not a view of."""
+    cached = plan.__dict__.get("_einfx_scratch")
+    if cached is None:
+        cached = plan.__dict__["_einfx_scratch"] = _find_scratch_values(plan)
+    return cached
+
+
+def _find_scratch_values(plan: "Plan") -> frozenset[str]:
     producer = {step.out: step for step in plan.steps}
     escaping, name = set(), plan.output
     while name in producer:
@@ -108,28 +118,6 @@ def _scratch_values(plan: "Plan") -> frozenset[str]:
             break
         name = step.inputs[0]
     return frozenset(s.out for s in plan.steps if s.op in ("matmul", "contiguous", "pad") and s.out not in escaping)
-
-
-def _matmul_shape(a: torch.Tensor, b: torch.Tensor) -> tuple[int, ...]:
-    if a.dim() < 2 or b.dim() < 2:
-        return ()
-    return tuple(torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])) + (a.shape[-2], b.shape[-1])
-
-
-def _apply_scratch(step: Step, vals: list, pad: Scratch):
-    """``_apply`` writing the result into scratch memory (ops: matmul, contiguous, pad)."""
-    v = vals[0]
-    if step.op == "matmul":
-        shape = _matmul_shape(v, vals[1])
-        if not shape:
-            return torch.matmul(v, vals[1])
-        return torch.matmul(v, vals[1], out=pad.empty(shape, v))
-    if step.op == "contiguous":
-        return pad.empty(tuple(v.shape), v).copy_(v)
-    out = pad.empty(tuple(v.shape[:-1]) + (v.shape[-1] + step.args[0],), v)
-    out[..., : v.shape[-1]].copy_(v)
-    out[..., v.shape[-1]:].zero_()
-    return out
 
 
 def _apply(step: Step, vals: list, env: dict):
@@ -170,29 +158,29 @@ def uses_scratch(x: torch.Tensor, cores: dict[str, torch.Tensor]) -> bool:
 def execute(plan: Plan, x: torch.Tensor, cores: dict[str, torch.Tensor]) -> torch.Tensor:
     """Run ``plan`` on input ``x`` (..., d_in) with the layer's cores; returns (..., d_out) without bias.
 
-    The result is always a fresh tensor. In eager CPU inference (see `uses_scratch`) the intermediates live
-    in this thread's scratch memory (`einfx.planning.workspace`) instead of fresh allocations.
+    The plan runs as generated straight-line code (`einfx.planning.codegen`). The result is always a fresh
+    tensor. In eager CPU inference (see `uses_scratch`) the intermediates live in this thread's scratch
+    memory (`einfx.planning.workspace`) instead of fresh allocations.
     """
     inplace = _scratch_values(plan) if uses_scratch(x, cores) else frozenset()
+    run = compiled(plan, inplace)
     block = plan.token_block
-    if block and x.dim() >= 1 and isinstance(x.numel(), int) and x.numel() // max(1, x.shape[-1]) > block:
-        flat = x.reshape(-1, x.shape[-1])
-        ys = [_run_steps(plan, chunk, cores, inplace) for chunk in flat.split(block)]
-        y = torch.cat(ys)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
-    return _run_steps(plan, x, cores, inplace)
+    try:
+        if block and x.dim() >= 1 and isinstance(x.numel(), int) and x.numel() // max(1, x.shape[-1]) > block:
+            flat = x.reshape(-1, x.shape[-1])
+            ys = [_run(run, chunk, cores, inplace) for chunk in flat.split(block)]
+            y = torch.cat(ys)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
+        return _run(run, x, cores, inplace)
+    except KeyError as exc:
+        raise PlanError(f"plan ({plan.order}, {plan.tokens} tokens) reads core {exc.args[0]!r}, which was not "
+                        f"given; given: {sorted(cores)}") from exc
 
 
-def _run_steps(plan: Plan, x: torch.Tensor, cores: dict[str, torch.Tensor], inplace=frozenset()) -> torch.Tensor:
-    env: dict[str, torch.Tensor] = {"x": x, **cores}
-    pad = scratch() if inplace else None
-    for step in plan.steps:
-        try:
-            vals = [env[name] for name in step.inputs]
-        except KeyError as exc:
-            raise PlanError(f"plan step {step} reads {exc.args[0]!r}, which no earlier step wrote; "
-                            f"available: {sorted(env)}") from exc
-        env[step.out] = _apply_scratch(step, vals, pad) if step.out in inplace else _apply(step, vals, env)
-    if pad is not None:
-        pad.close()
-    return env[plan.output]
+def _run(run, x: torch.Tensor, cores: dict[str, torch.Tensor], inplace: frozenset) -> torch.Tensor:
+    if not inplace:
+        return run(x, cores, None)
+    pad = scratch()
+    y = run(x, cores, pad)
+    pad.close()
+    return y

@@ -47,7 +47,8 @@ class _Builder:
 
     def __init__(self, profile: DeviceProfile):
         self.steps: list[Step] = []
-        self.cost: PrimCost = ZERO
+        # an eager layer call costs call_s beyond its steps; exported graphs (onnxruntime) do not
+        self.cost: PrimCost = PrimCost(time=profile.call_s) if profile.strided_gemm else ZERO
         self.copies = 0
         self.notes: list[str] = []
         self.profile = profile
@@ -369,7 +370,8 @@ def _blocked(plan: Plan, sizes: Sizes, tokens: int, dtype: str, profile: DeviceP
         sub = plan_layer(sizes, block, dtype, profile, tuple(o for o in orders if o != "fold") or orders)
         if sub.order in ("xab", "xba") and not sub.token_block:
             chunks = -(-tokens // block)
-            time = chunks * sub.time + concat + chunks * profile.view_s
+            call = profile.call_s if profile.strided_gemm else 0.0
+            time = chunks * (sub.time - call) + call + concat + chunks * profile.view_s
             if time < BLOCK_GAIN * plan.time and (best is None or time < best[0]):
                 best = (time, block, sub)
         block *= 2

@@ -42,6 +42,8 @@ class DeviceProfile:
         cache_bytes: bytes per primitive that move at cache speed (copy bandwidth for a GEMM's operands).
         launch_s: fixed cost of one kernel (GEMM, copy).
         view_s: fixed cost of one view op (reshape, permute) in eager execution.
+        call_s: fixed cost of one eager call of a structured layer beyond its steps (module call, plan
+            lookup, scratch bookkeeping); charged on strided-GEMM (eager torch) backends only.
         threads: CPU intra-op threads the constants hold for (1 for CUDA).
         transposed_read: GEMM time factor when the GEMM reads an activation through a transposed strided view
             (unit stride along the rows of a left operand or the contraction of a right one) instead of in its
@@ -63,6 +65,7 @@ class DeviceProfile:
     launch_s: float
     view_s: float
     transposed_read: float = 1.0
+    call_s: float = 0.0
     threads: int = 1
     strided_gemm: bool = True
     version: int = PROFILE_VERSION
@@ -135,7 +138,7 @@ def _cpu_default(threads: int) -> DeviceProfile:
     one = DeviceProfile("cpu-default", "cpu", flops_fp32=8.9e10, flops_half=1.35e9, gemm_half_dim=5.5,
                         copy_bandwidth=2.8e10, transpose_bandwidth=6.4e9, block_bandwidth=1.03e10,
                         memory_bandwidth=1.85e10, cache_bytes=4 * 2**20, launch_s=3.5e-6, view_s=1.2e-6,
-                        transposed_read=1.4)
+                        transposed_read=1.4, call_s=6e-5)
     if threads == 1:
         return one
     k = 1 + _THREAD_EFFICIENCY * (threads - 1)
@@ -148,7 +151,7 @@ def _cpu_default(threads: int) -> DeviceProfile:
 _CUDA_DEFAULT = DeviceProfile("cuda-default", "cuda", flops_fp32=5e13, flops_half=7e14, gemm_half_dim=128.0,
                               copy_bandwidth=3.5e12, transpose_bandwidth=1.5e12, block_bandwidth=2e12,
                               memory_bandwidth=3.5e12, cache_bytes=50 * 2**20, launch_s=5e-6, view_s=1e-6,
-                              transposed_read=1.0)
+                              transposed_read=1.0, call_s=3e-5)
 
 
 

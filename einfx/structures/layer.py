@@ -93,6 +93,21 @@ class EinsumLinear(nn.Module):
         """The weight cores by name: {"A", "B"} or {"weight"} for dense."""
         return {"weight": self.weight} if self.sizes.dense else {"A": self.A, "B": self.B}
 
+    def _eager_plan(self, tokens: int, x: torch.Tensor):
+        """`plan_for` memoized on the layer per (tokens, dtype, device, threads, order): the planner's own
+        cache hashes the sizes and the profile on every call, a few µs that small layers notice."""
+        from einfx.planning import plan_for
+        from einfx.planning.profile import default_profile
+
+        cache = self.__dict__.setdefault("_einfx_plans", {})
+        key = (tokens, x.dtype, x.device.type, torch.get_num_threads(), self.order)
+        plan = cache.get(key)
+        if plan is None:
+            if len(cache) >= 64:
+                cache.clear()
+            plan = cache[key] = plan_for(self, tokens, dtype=x.dtype, profile=default_profile(x.device.type))
+        return plan
+
     def set_order(self, order: str) -> None:
         """Pin the contraction order (the planner still chooses the layout), or "auto" to unpin it."""
         if order not in ORDERS + ("auto",):
@@ -115,11 +130,13 @@ class EinsumLinear(nn.Module):
             # traced / symbolic token counts plan for 512 tokens: the plan's steps run at any count
             n = x.numel() // self.in_features
             tokens = max(1, n) if isinstance(n, int) else 512
-            plan = plan_for(self, tokens, dtype=x.dtype, profile=default_profile(x.device.type))
-            if plan.token_block and (not isinstance(n, int) or torch.compiler.is_compiling()
-                                     or torch.compiler.is_exporting()):
-                # a captured graph must serve every token count: run the plan on the whole batch
-                plan = dataclasses.replace(plan, token_block=0)
+            capturing = not isinstance(n, int) or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+            if capturing:
+                plan = plan_for(self, tokens, dtype=x.dtype, profile=default_profile(x.device.type))
+                if plan.token_block:  # a captured graph must serve every token count: run the whole batch
+                    plan = dataclasses.replace(plan, token_block=0)
+            else:
+                plan = self._eager_plan(tokens, x)
             cores = self.cores()
             y = execute(plan, x, cores)
             if self.bias is not None and uses_scratch(x, cores):
