@@ -14,6 +14,8 @@ from torch import fx, nn
 
 from einfx.passes.base import PassResult
 from einfx.passes.lower import lowerable
+from einfx.planning.codegen import bias_fusable
+from einfx.planning.costmodel import copy_cost
 from einfx.planning.planner import plan_for
 from einfx.planning.profile import DeviceProfile, default_profile
 
@@ -38,15 +40,27 @@ def fold_decision(layer, tokens: int = 512, profile: DeviceProfile | None = None
     label = name or layer.name or type(layer).__name__
     prof = profile or default_profile(next(iter(layer.cores().values())).device.type)
     plan = plan_for(layer, tokens, profile=prof, orders=("xab", "xba"))
-    slower = plan.time > plan.dense_time
-    times = f"structured {plan.time * 1e3:.3f} ms vs dense {plan.dense_time * 1e3:.3f} ms ({prof.name})"
+    structured = plan.time + _bias_time(layer, plan, tokens, prof)
+    slower = structured > plan.dense_time
+    times = f"structured {structured * 1e3:.3f} ms vs dense {plan.dense_time * 1e3:.3f} ms ({prof.name})"
     if layer.sizes.dense:
-        return FoldDecision(label, plan.time, plan.dense_time, plan.order, False, "already dense")
+        return FoldDecision(label, structured, plan.dense_time, plan.order, False, "already dense")
     if not slower:
-        return FoldDecision(label, plan.time, plan.dense_time, plan.order, False, f"structure wins: {times}")
+        return FoldDecision(label, structured, plan.dense_time, plan.order, False, f"structure wins: {times}")
     if forbidden:
-        return FoldDecision(label, plan.time, plan.dense_time, plan.order, False, f"fold forbidden by policy: {times}")
-    return FoldDecision(label, plan.time, plan.dense_time, plan.order, True, f"dense wins: {times}")
+        return FoldDecision(label, structured, plan.dense_time, plan.order, False, f"fold forbidden by policy: {times}")
+    return FoldDecision(label, structured, plan.dense_time, plan.order, True, f"dense wins: {times}")
+
+
+def _bias_time(layer, plan, tokens: int, profile: DeviceProfile) -> float:
+    """The bias add a structured layer pays and a dense GEMM fuses: an elementwise pass over y, except in
+    eager torch when the plan writes the output layout in a copy that takes the bias along."""
+    if getattr(layer, "bias", None) is None or layer.sizes.dense:
+        return 0.0
+    if profile.strided_gemm and bias_fusable(plan):
+        return 0.0
+    itemsize = torch.empty((), dtype=getattr(torch, plan.dtype)).element_size()
+    return copy_cost(tokens * layer.sizes.d_out, itemsize, layer.sizes.d_out, profile).time
 
 
 @torch.no_grad()

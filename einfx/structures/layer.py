@@ -124,7 +124,6 @@ class EinsumLinear(nn.Module):
             y = torch.matmul(x, self.weight.t())
         else:
             from einfx.planning import execute, plan_for
-            from einfx.planning.plan import uses_scratch
             from einfx.planning.profile import default_profile
 
             # traced / symbolic token counts plan for 512 tokens: the plan's steps run at any count
@@ -137,10 +136,7 @@ class EinsumLinear(nn.Module):
                     plan = dataclasses.replace(plan, token_block=0)
             else:
                 plan = self._eager_plan(tokens, x)
-            cores = self.cores()
-            y = execute(plan, x, cores)
-            if self.bias is not None and uses_scratch(x, cores):
-                return y.add_(self.bias)  # y is a fresh tensor (execute's contract): no second allocation
+            return execute(plan, x, self.cores(), self.bias)
         return y + self.bias if self.bias is not None else y
 
     @torch.no_grad()

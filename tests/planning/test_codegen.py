@@ -88,3 +88,40 @@ def test_layer_memoizes_plans_per_token_count_threads_and_order():
         assert {p.order for p in layer.__dict__["_einfx_plans"].values()} >= {"xba"}
     assert torch.allclose(y, y_pinned, atol=1e-5, rtol=1e-5)
     assert "_einfx_plans" not in layer.state_dict()
+
+
+def test_bias_is_added_in_the_output_relayout_pass_when_the_plan_ends_with_one():
+    from einfx.planning.codegen import bias_fusable
+
+    torch.manual_seed(0)
+    layer = einfx.EinsumLinear(256, 256, einfx.Structure.btt(rank=1))
+    x = torch.randn(64, 256)
+    plan = plan_layer(layer.sizes, 64, "float32", default_profile("cpu", threads=1))
+    assert bias_fusable(plan)
+    want = x.double() @ layer.to_dense().double().T + layer.bias.double()
+    with torch.no_grad():
+        got = execute(plan, x, layer.cores(), layer.bias)
+    assert ((got.double() - want).norm() / want.norm()).item() < 1e-6
+    fused = compiled(plan, frozenset(), True)
+    assert "_bias_add_out" in fused.__code__.co_names
+    # with autograd the bias is a plain differentiable add
+    y = execute(plan, x, layer.cores(), layer.bias)
+    y.sum().backward()
+    assert torch.equal(layer.bias.grad, torch.full((256,), 64.0))
+
+
+def test_padded_output_adds_the_bias_after_the_crop():
+    from einfx.planning.codegen import bias_fusable
+
+    torch.manual_seed(0)
+    layer = einfx.EinsumLinear(97, 101, einfx.Structure.btt(rank=2))
+    assert layer.sizes.out_padded != layer.sizes.d_out
+    plan = plan_layer(layer.sizes, 16)
+    assert not bias_fusable(plan)
+    with pytest.raises(PlanError, match="cannot be fused"):
+        compiled(plan, frozenset(), True)
+    x = torch.randn(16, 97)
+    with torch.no_grad():
+        got = execute(plan, x, layer.cores(), layer.bias)
+    want = x.double() @ layer.to_dense().double().T + layer.bias.double()
+    assert ((got.double() - want).norm() / want.norm()).item() < 1e-6
