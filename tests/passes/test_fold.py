@@ -58,3 +58,18 @@ def test_winning_structure_is_kept():
     assert not d.fold and d.structured_time < d.dense_time and "structure wins" in d.reason
     gm = fx.GraphModule(nn.Sequential(layer), _LeafTracer().trace(nn.Sequential(layer)))
     assert not fold_to_dense(gm, tokens=512, profile=FLOPS_BOUND).changed
+
+
+def test_margin_folds_thin_predicted_gains_and_the_bias_pass_counts():
+    layer = EinsumLinear(512, 512, Structure.btt(rank=2))
+    exact = fold_decision(layer, 512, margin=1.0)
+    assert not exact.fold and "structure wins" in exact.reason
+    ratio = exact.dense_time / exact.structured_time
+    assert fold_decision(layer, 512, margin=ratio * 1.01).fold
+    kept = fold_decision(layer, 512, margin=ratio * 0.99)
+    assert not kept.fold and f"kept from {ratio * 0.99:.2f}x" in kept.reason
+    # onnxruntime adds the bias in a node of its own, which dense Gemm fuses: the structured time includes it
+    ort = default_profile("cpu").with_backend("onnxruntime")
+    no_bias = EinsumLinear(512, 512, Structure.btt(rank=2), bias=False)
+    with_bias, without = fold_decision(layer, 512, ort, margin=1.0), fold_decision(no_bias, 512, ort, margin=1.0)
+    assert with_bias.structured_time > without.structured_time
