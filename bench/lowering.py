@@ -68,7 +68,8 @@ def _variants(layer, tokens, profile):
     else:
         # onnxruntime: the lowered graph (whole-batch plan of plain nodes) is what gets exported
         wrapped = nn.Sequential(layer)
-        planned = lower(fx.GraphModule(wrapped, EinfxTracer().trace(wrapped)), tokens=tokens, profile=profile).graph_module
+        planned = lower(fx.GraphModule(wrapped, EinfxTracer().trace(wrapped)), tokens=tokens,
+                        profile=profile).graph_module.eval()
     return {"dense": dense, "naive": _Naive(layer), "planned": planned}, decision
 
 
@@ -235,6 +236,12 @@ def main(argv=None):
     if torch.cuda.is_available() and not args.only_spearman:
         print("## GPU bfloat16, 8192 tokens, torch\n" + HEADER)
         print("\n".join(bench_gpu(dims, (1, 4), 8192, args.reps)) + "\n")
+        ort_rows = bench_gpu_ort(dims, (1, 4), 8192, args.reps)
+        if ort_rows is None:
+            print("(onnxruntime CUDA provider not installed: onnxruntime GPU rows skipped)\n")
+        else:
+            print("## GPU float16, 8192 tokens, onnxruntime CUDA\n" + HEADER)
+            print("\n".join(ort_rows) + "\n")
     else:
         print("(no GPU here: GPU rows skipped)\n")
     if not (args.quick or args.no_fold_sweep or args.only_spearman):
@@ -265,6 +272,35 @@ def bench_gpu(dims, ranks, tokens, reps):
             with torch.no_grad():
                 mods, dec = _variants(layer, tokens, gpu)
                 t = _interleaved({k: (lambda m=m: m(x)) for k, m in mods.items()}, reps * 3)
+            pred = dec.dense_time if dec.fold else dec.structured_time
+            rows.append(_row(d, rank, flop_ratio, t, pred, dec.fold))
+    return rows
+
+
+def bench_gpu_ort(dims, ranks, tokens, reps):
+    """onnxruntime CUDA, float16: dense, naive and lowered graphs through io-binding (None without the provider)."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return None
+    torch.manual_seed(0)
+    prof = default_profile("cuda").with_backend("onnxruntime")
+    rows = []
+    for d in dims:
+        for rank in ranks:
+            layer = EinsumLinear(d, d, Structure.btt(rank=rank)).eval()
+            x = torch.randn(tokens, d)
+            flop_ratio = (d * d) / layer.sizes.macs_per_token(layer.sizes.best_token_order())
+            mods, dec = _variants(layer, tokens, prof)
+            with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+                fns = {}
+                for key, module in mods.items():
+                    path = os.path.join(tmp, f"{key}.onnx")
+                    torch.onnx.export(module.half(), (x.half(),), path, dynamo=True, verbose=False)
+                    sess = session(path, "cuda")
+                    binding = sess._binding(sess.place([x.half()]), None)
+                    fns[key] = lambda sess=sess, binding=binding: sess.inner.run_with_iobinding(binding)
+                t = _interleaved(fns, reps * 3)
             pred = dec.dense_time if dec.fold else dec.structured_time
             rows.append(_row(d, rank, flop_ratio, t, pred, dec.fold))
     return rows

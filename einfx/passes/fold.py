@@ -14,7 +14,6 @@ from torch import fx, nn
 
 from einfx.passes.base import PassResult
 from einfx.passes.lower import lowerable
-from einfx.planning.codegen import bias_fusable
 from einfx.planning.costmodel import copy_cost
 from einfx.planning.planner import plan_for
 from einfx.planning.profile import DeviceProfile, default_profile
@@ -64,11 +63,8 @@ def fold_decision(layer, tokens: int = 512, profile: DeviceProfile | None = None
 
 
 def _bias_time(layer, plan, tokens: int, profile: DeviceProfile) -> float:
-    """The bias add a structured layer pays and a dense GEMM fuses: an elementwise pass over y, except in
-    eager torch when the plan writes the output layout in a copy that takes the bias along."""
+    """The bias add a structured layer pays and a dense GEMM fuses: an elementwise pass over y."""
     if getattr(layer, "bias", None) is None or layer.sizes.dense:
-        return 0.0
-    if profile.strided_gemm and bias_fusable(plan):
         return 0.0
     itemsize = torch.empty((), dtype=getattr(torch, plan.dtype)).element_size()
     return copy_cost(tokens * layer.sizes.d_out, itemsize, layer.sizes.d_out, profile).time

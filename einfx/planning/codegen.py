@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from einfx.errors import PlanError
 
-__all__ = ["compiled", "bias_fusable"]
+__all__ = ["compiled"]
 
 _CACHE_KEY = "_einfx_compiled"
 
@@ -98,66 +98,38 @@ def _expr(step, scratch: bool, kind: str = "matmul") -> str:
         return f"{v}[..., :{int(a[0])}]"
     if step.op == "matmul":
         return f"torch.{kind}({v}, {ins[1]})"
-    return f"{v}.reshape({ins[1]}.shape[:-1] + ({int(a[0])},))"  # restore
+    # restore: the output is made contiguous, as nn.Linear's is (an output permute that merges into a 2-D
+    # transpose, or a crop, would otherwise leave a strided view for the consumer to pay for)
+    return f"{v}.contiguous().reshape({ins[1]}.shape[:-1] + ({int(a[0])},))"
 
 
 def _name_ok(name: str) -> bool:
     return name.isidentifier() and not keyword.iskeyword(name) and name not in _GLOBALS \
-        and name not in ("pad", "bias", "cores")
-
-
-def _output_relayout(plan):
-    """The step that materializes the output layout, ``reshape(permute(v), (-1, d_out))``, when the plan
-    ends with it (no padding to crop), else None."""
-    by_out = {s.out: s for s in plan.steps}
-    last = by_out.get(plan.output)
-    if last is None or last.op != "restore":
-        return None
-    flat = by_out.get(last.inputs[0])
-    if flat is None or flat.op != "reshape" or len(flat.args) != 2 or flat.args[0] != -1:
-        return None
-    perm = by_out.get(flat.inputs[0])
-    return flat if perm is not None and perm.op == "permute" else None
-
-
-def bias_fusable(plan) -> bool:
-    """Whether the bias can be added in the pass that writes the output layout (`compiled` with bias)."""
-    return _output_relayout(plan) is not None
-
-
-def _bias_add_out(v: torch.Tensor, bias: torch.Tensor, pad) -> torch.Tensor:
-    """``v + bias`` written into a fresh contiguous tensor: one pass for the relayout copy and the bias."""
-    out = torch.empty(tuple(v.shape), dtype=v.dtype, device=v.device)
-    return torch.add(v, bias.view(tuple(v.shape[1:])), out=out)
+        and name not in ("pad", "cores")
 
 
 _GLOBALS = {"torch": torch, "F": F, "_matmul_out": _matmul_out, "_bmm_out": _bmm_out, "_mm_out": _mm_out,
-            "_contiguous_out": _contiguous_out, "_pad_out": _pad_out, "_bias_add_out": _bias_add_out}
+            "_contiguous_out": _contiguous_out, "_pad_out": _pad_out}
 
 
-def compiled(plan, scratch_values: frozenset = frozenset(), bias: bool = False):
-    """The plan as a function ``run(x, cores: dict, pad, bias)``.
+def compiled(plan, scratch_values: frozenset = frozenset()):
+    """The plan as a function ``run(x, cores: dict, pad)`` returning a contiguous output.
 
-    ``pad`` is a `Scratch` when ``scratch_values`` is not empty. With ``bias=True`` (only for plans where
-    `bias_fusable`, and not for autograd: it writes through ``out=``) the function adds ``bias`` in the
-    pass that writes the output layout; otherwise its ``bias`` argument is ignored.
+    ``pad`` is a `Scratch` when ``scratch_values`` is not empty.
 
     Raises:
         PlanError: a step reads a value that no earlier step wrote, or a value name is not an identifier.
     """
     cache = plan.__dict__.setdefault(_CACHE_KEY, {})
-    key = (scratch_values, bias)
+    key = scratch_values
     fn = cache.get(key)
     if fn is not None:
         return fn
-    relayout = _output_relayout(plan) if bias else None
-    if bias and relayout is None:
-        raise PlanError(f"plan ({plan.order}) does not end with an output relayout; the bias cannot be fused")
     defined = {"x"}
     cores = sorted({i for s in plan.steps for i in s.inputs} - {s.out for s in plan.steps} - {"x"})
     defined.update(cores)
     rank = _ranks(plan)
-    lines = ["def run(x, cores, pad, bias):"]
+    lines = ["def run(x, cores, pad):"]
     lines += [f"    {c} = cores[{c!r}]" for c in cores]
     for step in plan.steps:
         for name in step.inputs + (step.out,):
@@ -168,10 +140,7 @@ def compiled(plan, scratch_values: frozenset = frozenset(), bias: bool = False):
             raise PlanError(f"plan step {step} reads {missing[0]!r}, which no earlier step wrote; "
                             f"available: {sorted(defined)}")
         kind = _matmul_kind(step, rank) if step.op == "matmul" else "matmul"
-        if step is relayout:
-            expr = f"_bias_add_out({step.inputs[0]}, bias, pad).reshape(-1, {int(step.args[1])})"
-        else:
-            expr = _expr(step, step.out in scratch_values, kind)
+        expr = _expr(step, step.out in scratch_values, kind)
         lines.append(f"    {step.out} = {expr}")
         defined.add(step.out)
     if plan.output not in defined:

@@ -61,16 +61,15 @@ def copy_cost(elements: int, itemsize: int, run: int, profile: DeviceProfile, bl
 
     ``run`` is the number of elements that stay contiguous (the trailing indices the source and the
     destination share, in order). Runs of at least 64 bytes move at copy bandwidth. Shorter runs are
-    element-granular: at block bandwidth when single elements are shuffled inside blocks of ``block``
-    elements that fit in ``profile.cache_bytes`` (e.g. one token's features, or a whole activation of a few
-    MiB: measured on CPU, a 2 MiB transpose ran at 1.1e10 B/s, 8-32 MiB ones at 6.3-7.5e9), else at
-    transpose bandwidth
+    element-granular: at block bandwidth when single elements are shuffled inside many blocks of ``block``
+    elements that fit in ``profile.cache_bytes`` (e.g. one token's features; the blocks are independent and
+    run in parallel), else at transpose bandwidth (a whole-tensor transpose)
     (strided reads across pages: TLB and cache-line waste; short runs of 2-15 elements measured no faster).
     """
     nbytes = 2 * elements * itemsize
     if run * itemsize >= 64:
         bandwidth = profile.copy_bandwidth
-    elif run == 1 and block is not None and block * itemsize <= profile.cache_bytes:
+    elif run == 1 and block is not None and block < elements and block * itemsize <= profile.cache_bytes:
         bandwidth = profile.block_bandwidth
     else:
         bandwidth = profile.transpose_bandwidth

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from einfx.errors import PlanError
-from einfx.planning.codegen import bias_fusable, compiled
+from einfx.planning.codegen import compiled
 from einfx.planning.workspace import scratch
 
 __all__ = ["Step", "Plan", "execute", "uses_scratch", "OPS"]
@@ -159,37 +159,34 @@ def execute(plan: Plan, x: torch.Tensor, cores: dict[str, torch.Tensor],
             bias: torch.Tensor | None = None) -> torch.Tensor:
     """Run ``plan`` on input ``x`` (..., d_in) with the layer's cores; returns (..., d_out) (+ ``bias``).
 
-    The plan runs as generated straight-line code (`einfx.planning.codegen`). The result is always a fresh
-    tensor. In eager CPU inference (see `uses_scratch`) the intermediates live in this thread's scratch
-    memory (`einfx.planning.workspace`) instead of fresh allocations, and the bias is added in the pass
-    that writes the output layout (or in place) rather than in a pass and an allocation of its own.
+    The plan runs as generated straight-line code (`einfx.planning.codegen`). The result is always a fresh,
+    contiguous tensor. In eager CPU inference (see `uses_scratch`) the intermediates live in this thread's
+    scratch memory (`einfx.planning.workspace`) instead of fresh allocations and the bias is added in place.
     """
-    fast = uses_scratch(x, cores) and (bias is None or type(bias) in (torch.Tensor, torch.nn.Parameter))
+    fast = uses_scratch(x, cores)
     inplace = _scratch_values(plan) if fast else frozenset()
+    run = compiled(plan, inplace)
     block = plan.token_block
-    chunked = block and x.dim() >= 1 and isinstance(x.numel(), int) and x.numel() // max(1, x.shape[-1]) > block
-    fuse = fast and bias is not None and not chunked and bias_fusable(plan)
-    run = compiled(plan, inplace, fuse)
     try:
-        if chunked:
+        if block and x.dim() >= 1 and isinstance(x.numel(), int) and x.numel() // max(1, x.shape[-1]) > block:
             flat = x.reshape(-1, x.shape[-1])
-            ys = [_run(run, chunk, cores, inplace, None) for chunk in flat.split(block)]
+            ys = [_run(run, chunk, cores, inplace) for chunk in flat.split(block)]
             y = torch.cat(ys)
             y = y.reshape(*x.shape[:-1], y.shape[-1])
         else:
-            y = _run(run, x, cores, inplace, bias if fuse else None)
+            y = _run(run, x, cores, inplace)
     except KeyError as exc:
         raise PlanError(f"plan ({plan.order}, {plan.tokens} tokens) reads core {exc.args[0]!r}, which was not "
                         f"given; given: {sorted(cores)}") from exc
-    if bias is None or fuse:
+    if bias is None:
         return y
-    return y.add_(bias) if fast else y + bias
+    return y.add_(bias) if fast and type(bias) in (torch.Tensor, torch.nn.Parameter) else y + bias
 
 
-def _run(run, x: torch.Tensor, cores: dict[str, torch.Tensor], inplace: frozenset, bias) -> torch.Tensor:
+def _run(run, x: torch.Tensor, cores: dict[str, torch.Tensor], inplace: frozenset) -> torch.Tensor:
     if not inplace:
-        return run(x, cores, None, bias)
+        return run(x, cores, None)
     pad = scratch()
-    y = run(x, cores, pad, bias)
+    y = run(x, cores, pad)
     pad.close()
     return y

@@ -110,7 +110,8 @@ class DeviceProfile:
 
 
 # Per-thread efficiency of the CPU defaults beyond one thread. Measured on the project's 2-core host with
-# einfx.calibrate at 2 threads against 1: GEMM 1.93x, copies 1.75x, block transposes 2.0x, DRAM copy 1.7x.
+# einfx.calibrate at 2 threads against 1: GEMM 1.93x, copies 1.75x, per-token transposes 2.0x, DRAM copy
+# 1.7x; whole-tensor transposes 1.05x (not scaled).
 _THREAD_EFFICIENCY = 0.9
 
 
@@ -120,7 +121,8 @@ def default_profile(device: str = "cpu", threads: int | None = None) -> DevicePr
     Args:
         device: ``"cpu"`` or ``"cuda"`` (a device string or torch.device works too).
         threads: CPU intra-op threads the plans will run with (default: ``torch.get_num_threads()``). The
-            one-thread constants are scaled by ``1 + 0.9 (threads - 1)``; `einfx.calibrate` measures instead.
+            one-thread rates and bandwidths (but the transpose bandwidth) are scaled by ``1 + 0.9 (threads - 1)``;
+            `einfx.calibrate` measures instead.
     """
     kind = device_key(device)
     if kind == "cpu":
@@ -142,10 +144,10 @@ def _cpu_default(threads: int) -> DeviceProfile:
     if threads == 1:
         return one
     k = 1 + _THREAD_EFFICIENCY * (threads - 1)
+    # whole-tensor transposes (torch's blocked 2-D transpose copy) measured no faster on 2 threads than on 1
     return replace(one, name=f"cpu-default-{threads}t", threads=threads, flops_fp32=one.flops_fp32 * k,
                    flops_half=one.flops_half * k, copy_bandwidth=one.copy_bandwidth * k,
-                   transpose_bandwidth=one.transpose_bandwidth * k, block_bandwidth=one.block_bandwidth * k,
-                   memory_bandwidth=one.memory_bandwidth * k)
+                   block_bandwidth=one.block_bandwidth * k, memory_bandwidth=one.memory_bandwidth * k)
 
 
 _CUDA_DEFAULT = DeviceProfile("cuda-default", "cuda", flops_fp32=5e13, flops_half=7e14, gemm_half_dim=128.0,

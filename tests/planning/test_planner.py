@@ -153,11 +153,12 @@ def test_transposed_read_factor_steers_the_cpu_plan():
 
 def test_copy_cost_block_bandwidth_only_when_blocks_fit_in_cache():
     prof = default_profile("cpu", threads=1)
-    fits = copy_cost(2**20, 4, 1, prof, block=2**20)  # one 4 MiB block = cache_bytes
-    spills = copy_cost(2**20, 4, 1, prof, block=2**21)
+    fits = copy_cost(2**20, 4, 1, prof, block=2**16)  # 16 blocks of 256 KiB, each in cache
+    spills = copy_cost(2**22, 4, 1, prof, block=2**21)  # 8 MiB blocks
+    whole = copy_cost(2**20, 4, 1, prof, block=2**20)  # one block: a whole-tensor transpose
+    assert whole.time == pytest.approx(8 * 2**20 / prof.transpose_bandwidth + prof.launch_s)
     assert fits.time == pytest.approx(8 * 2**20 / prof.block_bandwidth + prof.launch_s)
-    assert spills.time == pytest.approx(8 * 2**20 / prof.transpose_bandwidth + prof.launch_s, rel=0.5)
-    assert spills.time > fits.time
+    assert spills.time > 4 * fits.time
 
 
 def test_layer_cost_reports_the_plan_used():
