@@ -45,6 +45,25 @@ def _mm_out(a: torch.Tensor, b: torch.Tensor, pad) -> torch.Tensor:
     return torch.mm(a, b, out=pad.empty((a.shape[0], b.shape[1]), a))
 
 
+def _fresh(v: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor that owns its memory: ``v`` is a view of scratch memory, strided in the usual case
+    (``contiguous`` copies) but contiguous when a permuted dimension has size 1 (one token)."""
+    return v.clone() if v.is_contiguous() else v.contiguous()
+
+
+def _views_scratch(plan, name: str, scratch_values: frozenset) -> bool:
+    """Whether value ``name`` is a view (through reshape/permute/expand/crop/slice) of a scratch value."""
+    producer = {st.out: st for st in plan.steps}
+    while name in producer:
+        if name in scratch_values:
+            return True
+        st = producer[name]
+        if st.op not in ("reshape", "permute", "expand", "crop", "slice"):
+            return False
+        name = st.inputs[0]
+    return False
+
+
 def _contiguous_out(v: torch.Tensor, pad) -> torch.Tensor:
     return pad.empty(tuple(v.shape), v).copy_(v)
 
@@ -109,7 +128,7 @@ def _name_ok(name: str) -> bool:
 
 
 _GLOBALS = {"torch": torch, "F": F, "_matmul_out": _matmul_out, "_bmm_out": _bmm_out, "_mm_out": _mm_out,
-            "_contiguous_out": _contiguous_out, "_pad_out": _pad_out}
+            "_contiguous_out": _contiguous_out, "_fresh": _fresh, "_pad_out": _pad_out}
 
 
 def compiled(plan, scratch_values: frozenset = frozenset()):
@@ -141,6 +160,8 @@ def compiled(plan, scratch_values: frozenset = frozenset()):
                             f"available: {sorted(defined)}")
         kind = _matmul_kind(step, rank) if step.op == "matmul" else "matmul"
         expr = _expr(step, step.out in scratch_values, kind)
+        if step.op == "restore" and _views_scratch(plan, step.inputs[0], scratch_values):
+            expr = f"_fresh({step.inputs[0]}).reshape({step.inputs[1]}.shape[:-1] + ({int(step.args[0])},))"
         lines.append(f"    {step.out} = {expr}")
         defined.add(step.out)
     if plan.output not in defined:

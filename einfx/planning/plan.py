@@ -114,7 +114,10 @@ def _find_scratch_values(plan: "Plan") -> frozenset[str]:
     while name in producer:
         escaping.add(name)
         step = producer[name]
-        if step.op not in _VIEW_OPS:
+        # a permute (of dims > 1) or a crop makes the value strided; the output (restore) is then a copy, and
+        # nothing upstream escapes
+        if step.op not in _VIEW_OPS or step.op == "slice" or (
+                step.op == "permute" and tuple(step.args) != tuple(range(len(step.args)))):
             break
         name = step.inputs[0]
     return frozenset(s.out for s in plan.steps if s.op in ("matmul", "contiguous", "pad") and s.out not in escaping)

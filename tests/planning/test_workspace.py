@@ -142,3 +142,19 @@ def test_threads_have_their_own_buffers_and_correct_results():
     assert not errors
     for i, want in enumerate(expected):
         assert ((results[i] - want).norm() / want.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("d", [256, 4096])
+def test_one_token_output_owns_its_memory(d):
+    # with one token the output permute moves a size-1 dimension: the view of scratch memory is contiguous
+    layer = _layer(d, d, rank=1)
+    x1, x2 = torch.randn(1, d), torch.randn(1, d)
+    with torch.no_grad():
+        layer(x1)
+        y1 = layer(x1)
+        kept = y1.clone()
+        layer(x2)
+    assert torch.equal(y1, kept)
+    for buf in _buffers().values():
+        lo, hi = buf.data_ptr(), buf.data_ptr() + buf.numel() * buf.element_size()
+        assert not lo <= y1.data_ptr() < hi
