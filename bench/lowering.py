@@ -99,34 +99,37 @@ HEADER = ("| d | rank | FLOP ratio | dense ms | naive ms | planned ms | naive sp
           "realized | predicted ms |\n|---|---|---|---|---|---|---|---|---|---|")
 
 
-def bench_cpu(dims, ranks, tokens, reps, ort_too=True):
+def bench_cpu(dims, ranks, tokens, reps, backend="torch"):
+    """Rows of the main table for one backend ("torch": the eager layer; "onnxruntime": the lowered graph).
+
+    One backend at a time: onnxruntime's pool threads keep spinning for a while after its runs and would
+    slow torch measurements taken right after them.
+    """
     torch.manual_seed(0)
     cpu = default_profile("cpu")
-    tables = {"torch": [], "onnxruntime": []}
+    prof = cpu if backend == "torch" else cpu.with_backend("onnxruntime")
+    rows = []
     for d in dims:
         for rank in ranks:
             layer = EinsumLinear(d, d, Structure.btt(rank=rank)).eval()
             x = torch.randn(tokens, d)
             flop_ratio = (d * d) / layer.sizes.macs_per_token(layer.sizes.best_token_order())
+            mods, dec = _variants(layer, tokens, prof)
             with torch.no_grad():
-                mods, dec = _variants(layer, tokens, cpu)
-                ref = mods["dense"](x)
-                for key, m in mods.items():
-                    err = ((m(x) - ref).norm() / ref.norm()).item()
-                    assert err < 1e-4, (key, err)
-                t = _interleaved({k: (lambda m=m: m(x)) for k, m in mods.items()}, reps)
+                if backend == "torch":
+                    ref = mods["dense"](x)
+                    for key, m in mods.items():
+                        err = ((m(x) - ref).norm() / ref.norm()).item()
+                        assert err < 1e-4, (key, err)
+                    t = _interleaved({k: (lambda m=m: m(x)) for k, m in mods.items()}, reps)
+                else:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        fns = {k: _ort_session(m, x, os.path.join(tmp, f"{k}.onnx")) for k, m in mods.items()}
+                        t = _interleaved(fns, reps)
             pred = dec.dense_time if dec.fold else dec.structured_time
-            tables["torch"].append(_row(d, rank, flop_ratio, t, pred, dec.fold))
-            if ort_too:
-                ort_prof = cpu.with_backend("onnxruntime")
-                mods, dec = _variants(layer, tokens, ort_prof)
-                with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
-                    fns = {k: _ort_session(m, x, os.path.join(tmp, f"{k}.onnx")) for k, m in mods.items()}
-                    t = _interleaved(fns, reps)
-                pred = dec.dense_time if dec.fold else dec.structured_time
-                tables["onnxruntime"].append(_row(d, rank, flop_ratio, t, pred, dec.fold))
-            print(f"  done d={d} rank={rank}", file=sys.stderr, flush=True)
-    return tables
+            rows.append(_row(d, rank, flop_ratio, t, pred, dec.fold))
+            print(f"  {backend} d={d} rank={rank} done", file=sys.stderr, flush=True)
+    return rows
 
 
 def _spearman(a, b) -> float:
@@ -170,43 +173,37 @@ FOLD_STRUCTURES = {
 }
 
 
-def bench_fold(dims, tokens, reps, ort_too=True):
+def bench_fold(dims, tokens, reps, backend="torch"):
     """Every structure at small and mid sizes, after fold-to-dense: the layer as deployed vs dense.
 
     A folded layer runs the same dense layer as the baseline (speedup 1 by construction, not re-measured).
-    Returns table rows and the smallest measured speedup of a layer that stayed structured, per backend.
+    Returns {(d, structure): cell text} and the smallest measured speedup of a layer that stayed structured.
     """
     cpu = default_profile("cpu")
-    rows, worst = [], {"torch": float("inf"), "onnxruntime": float("inf")}
+    prof = cpu if backend == "torch" else cpu.with_backend("onnxruntime")
+    cells, worst = {}, float("inf")
     for d in dims:
         for name, make in FOLD_STRUCTURES.items():
             torch.manual_seed(0)
             layer = EinsumLinear(d, d, make()).eval()
             x = torch.randn(tokens, d)
-            cells = []
-            for backend, prof in (("torch", cpu), ("onnxruntime", cpu.with_backend("onnxruntime"))):
-                if backend == "onnxruntime" and not ort_too:
-                    cells.append("–")
-                    continue
-                with torch.no_grad():
-                    mods, dec = _variants(layer, tokens, prof)
-                    if dec.fold:
-                        cells.append(f"folded (pred {dec.dense_time / dec.structured_time:.2f}x)")
-                        continue
-                    if backend == "torch":
-                        fns = {k: (lambda m=mods[k]: m(x)) for k in ("dense", "planned")}
+            mods, dec = _variants(layer, tokens, prof)
+            predicted = dec.dense_time / dec.structured_time
+            if dec.fold:
+                cells[d, name] = f"folded (pred {predicted:.2f}x)"
+                continue
+            with torch.no_grad():
+                if backend == "torch":
+                    t = _interleaved({k: (lambda m=mods[k]: m(x)) for k in ("dense", "planned")}, reps)
+                else:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        fns = {k: _ort_session(mods[k], x, os.path.join(tmp, f"{k}.onnx")) for k in ("dense", "planned")}
                         t = _interleaved(fns, reps)
-                    else:
-                        with tempfile.TemporaryDirectory() as tmp:
-                            fns = {k: _ort_session(mods[k], x, os.path.join(tmp, f"{k}.onnx"))
-                                   for k in ("dense", "planned")}
-                            t = _interleaved(fns, reps)
-                sp = t["dense"] / t["planned"]
-                worst[backend] = min(worst[backend], sp)
-                cells.append(f"{sp:.2f}x (pred {dec.dense_time / dec.structured_time:.2f}x)")
-            rows.append(f"| {d} | {name} | {cells[0]} | {cells[1]} |")
-        print(f"  fold sweep d={d} done", file=sys.stderr, flush=True)
-    return rows, worst
+            speedup = t["dense"] / t["planned"]
+            worst = min(worst, speedup)
+            cells[d, name] = f"{speedup:.2f}x (pred {predicted:.2f}x)"
+        print(f"  {backend} fold sweep d={d} done", file=sys.stderr, flush=True)
+    return cells, worst
 
 
 def main(argv=None):
@@ -228,37 +225,45 @@ def main(argv=None):
     dims = tuple(args.dims) if args.dims else (1024,) if args.quick else (1024, 4096)
     print(f"# einfx lowering benchmark ({machine_description()}; {args.clock} clock, medians of {args.reps} "
           f"interleaved samples of >= 20 ms, load average {os.getloadavg()[0]:.1f})\n")
-    tables = {} if args.only_spearman else bench_cpu(dims, (1, 4), 512, args.reps, ort_too=not args.no_ort)
+    backends = ("torch",) if args.no_ort else ("torch", "onnxruntime")
+    sweep = not (args.quick or args.no_fold_sweep or args.only_spearman)
+    sweep_dims = (64, 128, 256, 512)
+    tables, folds, rho, pairs = {}, {}, None, []
+    # torch first, every part of it (the Spearman pairs included), then onnxruntime: see bench_cpu
+    for backend in backends:
+        if not args.only_spearman:
+            tables[backend] = bench_cpu(dims, (1, 4), 512, args.reps, backend)
+        if sweep:
+            folds[backend] = bench_fold(sweep_dims, 512, args.reps, backend)
+        if backend == "torch" and not args.no_spearman:
+            rho, pairs = bench_spearman(512, max(3, args.reps - 2))
     for backend, rows in tables.items():
-        if rows:
-            print(f"## CPU float32, 512 tokens, {backend}\n{HEADER}")
-            print("\n".join(rows) + "\n")
+        print(f"## CPU float32, 512 tokens, {backend}\n{HEADER}")
+        print("\n".join(rows) + "\n")
     if torch.cuda.is_available() and not args.only_spearman:
         print("## GPU bfloat16, 8192 tokens, torch\n" + HEADER)
         print("\n".join(bench_gpu(dims, (1, 4), 8192, args.reps)) + "\n")
-        ort_rows = bench_gpu_ort(dims, (1, 4), 8192, args.reps)
+        ort_rows = None if args.no_ort else bench_gpu_ort(dims, (1, 4), 8192, args.reps)
         if ort_rows is None:
-            print("(onnxruntime CUDA provider not installed: onnxruntime GPU rows skipped)\n")
+            print("(onnxruntime CUDA rows skipped: --no-ort, or no CUDA provider in onnxruntime)\n")
         else:
             print("## GPU float16, 8192 tokens, onnxruntime CUDA\n" + HEADER)
             print("\n".join(ort_rows) + "\n")
     else:
         print("(no GPU here: GPU rows skipped)\n")
-    if not (args.quick or args.no_fold_sweep or args.only_spearman):
-        rows, worst = bench_fold((64, 128, 256, 512), 512, args.reps, ort_too=not args.no_ort)
+    if folds:
         print("## Fold-to-dense sweep, CPU float32, 512 tokens: speedup over dense as deployed\n"
-              "| d | structure | torch | onnxruntime |\n|---|---|---|---|")
-        print("\n".join(rows))
-        print(f"\nSlowest layer that stayed structured: torch {worst['torch']:.2f}x, onnxruntime "
-              f"{worst['onnxruntime']:.2f}x dense.\n")
-    if args.no_spearman:
-        return
-    rho, pairs = bench_spearman(512, max(3, args.reps - 2))
-    print(f"## Cost model ranking: Spearman {rho:.3f} over {len(pairs)} (layer, plan) pairs (CPU torch)\n"
-          "| pair | predicted ms | measured ms |\n|---|---|---|")
-    for pred, meas, label in sorted(pairs):
-        print(f"| {label} | {pred * 1e3:.3f} | {meas * 1e3:.3f} |")
-
+              "| d | structure | " + " | ".join(folds) + " |\n|---|---|" + "---|" * len(folds))
+        for d in sweep_dims:
+            for name in FOLD_STRUCTURES:
+                print(f"| {d} | {name} | " + " | ".join(cells[d, name] for cells, _ in folds.values()) + " |")
+        worst = ", ".join(f"{b} {w:.2f}x" for b, (_, w) in folds.items())
+        print(f"\nSlowest layer that stayed structured: {worst} dense.\n")
+    if rho is not None:
+        print(f"## Cost model ranking: Spearman {rho:.3f} over {len(pairs)} (layer, plan) pairs (CPU torch)\n"
+              "| pair | predicted ms | measured ms |\n|---|---|---|")
+        for pred, meas, label in sorted(pairs):
+            print(f"| {label} | {pred * 1e3:.3f} | {meas * 1e3:.3f} |")
 
 def bench_gpu(dims, ranks, tokens, reps):
     torch.manual_seed(0)
