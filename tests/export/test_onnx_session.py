@@ -82,3 +82,31 @@ def test_cuda_session_runs_on_gpu_with_io_binding(exported):
     with torch.no_grad():
         assert torch.allclose(got.cpu(), module(x), atol=1e-4, rtol=1e-3)
     assert sess.benchmark([x], repeats=3).median_ms > 0
+
+
+_SHARED_POOL_SCRIPT = r"""
+import sys, torch
+from einfx.export import session
+path = sys.argv[1]
+x = torch.randn(2, 32)
+a = session(path, "cpu", threads=2, shared_pool=True)
+b = session(path, "cpu", threads=1, shared_pool=True)   # joins the pool; its threads are ignored
+c = session(path, "cpu", spinning=False)                 # a later plain einfx session joins it too
+outs = [s.run([x])[0] for s in (a, b, c)]
+assert all(not s.inner.get_session_options().use_per_session_threads for s in (a, b, c))
+assert all(torch.equal(o, outs[0]) for o in outs)
+print("ok", outs[0].shape[-1])
+"""
+
+
+def test_shared_pool_sessions_run_and_later_sessions_join_it(exported, tmp_path):
+    # onnxruntime's process-wide pool outlives the call: run it in a process of its own
+    import subprocess
+    import sys
+
+    script = tmp_path / "shared.py"
+    script.write_text(_SHARED_POOL_SCRIPT)
+    out = subprocess.run([sys.executable, str(script), str(exported[1])], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["ok", "48"]
