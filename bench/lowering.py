@@ -33,7 +33,7 @@ from einfx.export.session import session  # noqa: E402
 from einfx.passes.fold import dense_linear, fold_decision  # noqa: E402
 from einfx.passes.lower import lower  # noqa: E402
 from einfx.rewriter.trace import EinfxTracer  # noqa: E402
-from einfx.planning import all_plans, default_profile, execute, plan_for  # noqa: E402
+from einfx.planning import all_plans, default_profile, execute  # noqa: E402
 from einfx.structures import functional as Fn  # noqa: E402
 
 

@@ -4,12 +4,15 @@ Interpreting a plan step by step (a dict of values, a dispatch on the op name) c
 the project's host, more than the torch op itself for small layers; the generated function calls the torch
 ops directly, the way torch.fx's generated ``forward`` does:
 
-    def run(x, A, B, pad):
+    def run(x, cores, pad):
+        A = cores['A']
+        B = cores['B']
         v1 = x.reshape(-1, 32, 32)
         v2 = v1.permute(1, 2, 0)
         ...
         v6 = _bmm_out(v5, v2, pad)         # a value kept in scratch memory
         ...
+        v16 = _fresh(v15).reshape(x.shape[:-1] + (1024,))   # the output: contiguous, owns its memory
         return v16
 """
 
