@@ -99,6 +99,16 @@ HEADER = ("| d | rank | FLOP ratio | dense ms | naive ms | planned ms | naive sp
           "realized | predicted ms |\n|---|---|---|---|---|---|---|---|---|---|")
 
 
+def _btt_case(d, rank, tokens, profile, **layer_kwargs):
+    """A BTT layer of width d: its input, dense/structured FLOP ratio, variants and fold decision."""
+    layer = EinsumLinear(d, d, Structure.btt(rank=rank), **layer_kwargs).eval()
+    param = layer.A
+    x = torch.randn(tokens, d, device=param.device, dtype=param.dtype)
+    flop_ratio = (d * d) / layer.sizes.macs_per_token(layer.sizes.best_token_order())
+    mods, dec = _variants(layer, tokens, profile)
+    return x, flop_ratio, mods, dec
+
+
 def bench_cpu(dims, ranks, tokens, reps, backend="torch"):
     """Rows of the main table for one backend ("torch": the eager layer; "onnxruntime": the lowered graph).
 
@@ -111,10 +121,7 @@ def bench_cpu(dims, ranks, tokens, reps, backend="torch"):
     rows = []
     for d in dims:
         for rank in ranks:
-            layer = EinsumLinear(d, d, Structure.btt(rank=rank)).eval()
-            x = torch.randn(tokens, d)
-            flop_ratio = (d * d) / layer.sizes.macs_per_token(layer.sizes.best_token_order())
-            mods, dec = _variants(layer, tokens, prof)
+            x, flop_ratio, mods, dec = _btt_case(d, rank, tokens, prof)
             with torch.no_grad():
                 if backend == "torch":
                     ref = mods["dense"](x)
@@ -266,16 +273,14 @@ def main(argv=None):
             print(f"| {label} | {pred * 1e3:.3f} | {meas * 1e3:.3f} |")
 
 def bench_gpu(dims, ranks, tokens, reps):
+    """torch on CUDA, bfloat16: dense, naive and the eager planned layer."""
     torch.manual_seed(0)
     gpu = default_profile("cuda")
     rows = []
     for d in dims:
         for rank in ranks:
-            layer = EinsumLinear(d, d, Structure.btt(rank=rank), device="cuda", dtype=torch.bfloat16).eval()
-            x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
-            flop_ratio = (d * d) / layer.sizes.macs_per_token(layer.sizes.best_token_order())
             with torch.no_grad():
-                mods, dec = _variants(layer, tokens, gpu)
+                x, flop_ratio, mods, dec = _btt_case(d, rank, tokens, gpu, device="cuda", dtype=torch.bfloat16)
                 t = _interleaved({k: (lambda m=m: m(x)) for k, m in mods.items()}, reps * 3)
             pred = dec.dense_time if dec.fold else dec.structured_time
             rows.append(_row(d, rank, flop_ratio, t, pred, dec.fold))
@@ -293,10 +298,7 @@ def bench_gpu_ort(dims, ranks, tokens, reps):
     rows = []
     for d in dims:
         for rank in ranks:
-            layer = EinsumLinear(d, d, Structure.btt(rank=rank)).eval()
-            x = torch.randn(tokens, d)
-            flop_ratio = (d * d) / layer.sizes.macs_per_token(layer.sizes.best_token_order())
-            mods, dec = _variants(layer, tokens, prof)
+            x, flop_ratio, mods, dec = _btt_case(d, rank, tokens, prof)
             with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
                 fns = {}
                 for key, module in mods.items():
