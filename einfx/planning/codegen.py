@@ -25,9 +25,11 @@ import torch.nn.functional as F
 
 from einfx.errors import PlanError
 
-__all__ = ["compiled"]
+__all__ = ["compiled", "VIEW_OPS"]
 
 _CACHE_KEY = "_einfx_compiled"
+# ops whose output is a view of their first input (no memory of its own)
+VIEW_OPS = ("reshape", "permute", "expand", "crop", "slice")
 
 
 def _matmul_out(a: torch.Tensor, b: torch.Tensor, pad) -> torch.Tensor:
@@ -61,7 +63,7 @@ def _views_scratch(plan, name: str, scratch_values: frozenset) -> bool:
         if name in scratch_values:
             return True
         st = producer[name]
-        if st.op not in ("reshape", "permute", "expand", "crop", "slice"):
+        if st.op not in VIEW_OPS:
             return False
         name = st.inputs[0]
     return False

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from einfx.errors import PlanError
-from einfx.planning.codegen import compiled
+from einfx.planning.codegen import VIEW_OPS, compiled
 from einfx.planning.workspace import scratch
 
 __all__ = ["Step", "Plan", "execute", "uses_scratch", "OPS"]
@@ -97,7 +97,7 @@ class Plan:
                 f"{self.copies} copies (naive {self.naive_time * 1e3:.3f} ms, dense {self.dense_time * 1e3:.3f} ms)")
 
 
-_VIEW_OPS = ("reshape", "permute", "expand", "crop", "slice", "restore")
+_VIEW_OPS = VIEW_OPS + ("restore",)
 
 
 def _scratch_values(plan: "Plan") -> frozenset[str]:
