@@ -7,13 +7,14 @@ from einfx import errors, export, moe
 from einfx.moe import aux_loss
 from einfx.planning import calibrate
 from einfx.rewriter import Policy, Rule, explain, optimize
+from einfx.rewriter.saved import load, save
 from einfx.structures import Cost, EinsumLinear, Structure, Taxonomy, param_groups, taxonomy
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Structure", "EinsumLinear", "Cost", "Taxonomy", "taxonomy", "param_groups",
-    "Policy", "Rule", "optimize", "explain",
+    "Policy", "Rule", "optimize", "explain", "save", "load",
     "aux_loss", "calibrate",
     "errors", "export", "moe",
 ]

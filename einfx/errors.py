@@ -18,6 +18,8 @@ __all__ = [
     "ExportError",
     "ModelSpecError",
     "PassError",
+    "SavedModelError",
+    "UnmatchedPatternWarning",
 ]
 
 
@@ -71,3 +73,13 @@ class ModelSpecError(EinfxError, ValueError):
 
 class PassError(EinfxError, RuntimeError):
     """A graph pass raised or left an invalid graph; the message names the pass, ``__cause__`` keeps the error."""
+
+
+class SavedModelError(EinfxError, ValueError):
+    """A saved model folder is missing, corrupt or does not match its base model (the message names the file)."""
+
+
+class UnmatchedPatternWarning(UserWarning):
+    """A policy rule or exclude pattern matched no layer of the model (likely a typo): the message names the
+    pattern and the closest layer names. Turn it into an error with ``warnings.simplefilter("error",
+    UnmatchedPatternWarning)``."""

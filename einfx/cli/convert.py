@@ -29,14 +29,13 @@ from typing import Callable
 from einfx.cli import outputs
 from einfx.cli.outputs import ModelResult
 from einfx.cli.shard import shard as shard_items
-from einfx.cli.specs import ModelSpec, parse_spec
+from einfx.zoo import ModelSpec, parse_spec
 from einfx.errors import EinfxError, ModelSpecError
 
 __all__ = ["Task", "RunOptions", "BatchResult", "read_list", "collect_tasks", "select_tasks", "run_one",
            "run_batch", "worker_threads", "fingerprint", "check_options", "DTYPES"]
 
 DTYPES = ("float32", "float16")
-_MAX_ERROR_CHARS = 2000
 
 Converter = Callable[[ModelSpec, str, str, str, int], dict]
 
@@ -161,8 +160,7 @@ def _sha256_or_none(path: str) -> str | None:
 
 
 def _describe(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}"
-    return text if len(text) <= _MAX_ERROR_CHARS else text[:_MAX_ERROR_CHARS] + " …"
+    return f"{type(exc).__name__}: {exc}"  # whole: a cut message loses the hint at its end
 
 
 # --- one model -----------------------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ def _check_policy_file(path: str) -> None:
 
 
 def _run_explain(args: argparse.Namespace) -> int:
-    from einfx.cli.specs import parse_spec
+    from einfx.zoo import parse_spec
 
     explain_fn = args.explain_fn
     if explain_fn is None:

@@ -11,12 +11,14 @@ import json
 import os
 import statistics
 import time
+import warnings
 
 import torch
 from torch import nn
 
 from einfx.cli.outputs import ONNX_NAME
-from einfx.cli.specs import ModelSpec, build_model
+from einfx.errors import UnmatchedPatternWarning
+from einfx.zoo import ModelSpec, build_model
 from einfx.errors import EinfxError
 
 __all__ = ["convert_one", "explain_one", "load_policy", "count_params", "count_flops"]
@@ -117,7 +119,9 @@ def convert_one(spec: ModelSpec, policy: str, out_dir: str, dtype: str = "float3
     model, inputs = built.module, built.example_inputs
     params_before, flops_before = count_params(model), count_flops(model, inputs)
     latency_before = _torch_latency_ms(model, inputs)
-    optimized = _api("optimize")(model, policy_obj, example_inputs=inputs)  # keeps the model's eval mode
+    with warnings.catch_warnings():  # one policy serves many models: unmatched patterns go to the report only
+        warnings.simplefilter("ignore", UnmatchedPatternWarning)
+        optimized = _api("optimize")(model, policy_obj, example_inputs=inputs)  # keeps the model's eval mode
     # optimize() attaches the same report explain() returns; explain only when it does not (one capture less).
     report = getattr(optimized, "einfx_report", None)
     if report is None:

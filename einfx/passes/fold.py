@@ -18,7 +18,7 @@ from einfx.planning.costmodel import copy_cost
 from einfx.planning.planner import plan_for
 from einfx.planning.profile import DeviceProfile, default_profile
 
-__all__ = ["fold_to_dense", "FoldDecision", "fold_decision", "dense_linear", "FOLD_MARGIN"]
+__all__ = ["fold_to_dense", "fold_modules", "FoldDecision", "fold_decision", "dense_linear", "FOLD_MARGIN"]
 
 
 @dataclass(frozen=True)
@@ -112,3 +112,25 @@ def fold_to_dense(gm: fx.GraphModule, tokens: int = 512, profile: DeviceProfile 
     if folded:
         gm.recompile()
     return PassResult(gm, bool(folded), {"folded": folded, "decisions": decisions})
+
+
+def fold_modules(model: nn.Module, tokens: int = 512, profile: DeviceProfile | None = None,
+                 keep: tuple[str, ...] = ()) -> dict[str, FoldDecision]:
+    """`fold_to_dense` on a module tree (no graph): the same decision per structured layer, in place.
+
+    A layer that stays structured records ``profile`` as its ``export_profile``, so a graph captured from
+    the model (torch.export, ONNX) runs the plan made for that profile. Returns the decisions by name.
+    """
+    decisions = {}
+    for name, module in list(model.named_modules()):
+        if not name or not lowerable(module):
+            continue
+        forbidden = any(fnmatch.fnmatchcase(name, pat) for pat in keep)
+        decision = fold_decision(module, tokens, profile, name=name, forbidden=forbidden)
+        decisions[name] = decision
+        if decision.fold:
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, dense_linear(module))
+        else:
+            module.export_profile = profile
+    return decisions

@@ -41,6 +41,14 @@ class FusedSelfAttention(nn.Module):
         self.batch_first = batch_first
         self.attn_drop = nn.Dropout(dropout)
 
+    # nn.TransformerEncoder(Layer) reads these to choose its fused fast path, which needs the dense
+    # nn.MultiheadAttention weights: answering "not the same embed dim" sends it down the module path.
+    _qkv_same_embed_dim = False
+
+    @property
+    def in_proj_bias(self):
+        return getattr(self.in_proj, "bias", None)
+
     @classmethod
     def from_mha(cls, mha: nn.MultiheadAttention, in_proj: nn.Module, out_proj: nn.Module) -> "FusedSelfAttention":
         return cls(in_proj, out_proj, mha.num_heads, mha.head_dim, mha.dropout, mha.batch_first)

@@ -11,13 +11,20 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import warnings
 from typing import Any, Mapping
 
 import torch
 from torch import nn
+
+try:
+    from transformers import PretrainedConfig
+except ImportError:  # transformers is optional: no Hugging Face config to annotate
+    class PretrainedConfig:  # noqa: D101 - a stand-in nothing is an instance of
+        pass
 from torch.utils import _pytree as pytree
 
-from einfx.errors import PolicyError
+from einfx.errors import PolicyError, TraceError, UnmatchedPatternWarning
 from einfx.passes.base import run_passes
 from einfx.rewriter.budget import option_cost
 from einfx.rewriter.decide import Decision, decide
@@ -25,6 +32,10 @@ from einfx.rewriter.detect import detect, detect_modules
 from einfx.rewriter.policy import Policy
 from einfx.rewriter.report import Report, Row
 from einfx.rewriter.substitute import structure_linears, structure_modules, weight_of
+from einfx.rewriter.captured import behave_like
+from einfx.rewriter.policy import format_unmatched
+from einfx.rewriter.record import record, record_candidates
+from einfx.rewriter.saved import manifest
 from einfx.rewriter.trace import FRONTENDS, capture
 from einfx.structures.sizes import Sizes
 
@@ -111,38 +122,120 @@ def _inference_columns(layer, fold_allowed: bool, tokens: int = DEPLOY_TOKENS) -
     }
 
 
+def _analyse(work: nn.Module, args, kwargs, policy: Policy):
+    """Every linear computation of ``work``: (candidates, front end, failures, fx capture or None).
+
+    With example inputs the model runs once under the recorder (`einfx.rewriter.record`), which needs no
+    tracer; without them torch.fx is the only way to look, and a model it cannot trace falls back to the
+    module tree when the policy allows it.
+    """
+    if args is not None or kwargs:
+        try:
+            rec = record(work, args or (), kwargs)
+        except Exception as exc:  # the model's own error on the example inputs
+            raise TraceError(f"{type(work).__name__} raised on the example inputs, so einfx cannot see which "
+                             f"linear layers run: {type(exc).__name__}: {exc}", {"record": str(exc)}) from exc
+        return record_candidates(work, rec), "record", {}, None
+    try:
+        cap = capture(work, None, None, frontends=("fx",), allow_module_fallback=policy.fallback == "module")
+    except TraceError as exc:
+        raise TraceError(
+            f"could not trace {type(work).__name__} without example inputs: torch.fx failed "
+            f"({exc.reasons.get('fx', exc)}). Pass example_inputs or example_kwargs (one batch the model "
+            "accepts) so that einfx runs the model once and records its linear layers, or set the policy's "
+            "fallback='module' to replace its nn.Linear/Conv1D modules by name.", exc.reasons) from exc
+    if cap.is_graph:
+        return detect(cap.module, work), "fx", dict(cap.reasons), cap
+    return detect_modules(work), "module", dict(cap.reasons), None
+
+
+def _graph_for(work, args, kwargs, wanted: set[str], frontends, previous=None):
+    """The first graph front end whose detection shows every name in ``wanted`` as a rewritable function
+    site: (capture, candidates by name) or (None, failures by front end)."""
+    failures: dict[str, str] = {}
+    for name in [f for f in frontends if f != "hf_fx"]:
+        if name == "fx" and previous is not None:
+            cap = previous
+        else:
+            try:
+                cap = capture(work, args, kwargs, frontends=(name,))
+            except TraceError as exc:
+                failures[name] = exc.reasons.get(name, str(exc))
+                continue
+        found = {c.name: c for c in detect(cap.module, work)}
+        missing = sorted(n for n in wanted if n not in found or found[n].site != "function" or found[n].objection)
+        if not missing:
+            return cap, found
+        failures[name] = f"the graph does not show {', '.join(map(repr, missing))} as x·W"
+    return None, failures
+
+
+def _keep(decisions, names: set[str], why: str):
+    return [Decision(d.candidate, False, why) if d.candidate.name in names else d for d in decisions]
+
+
 def optimize_with_report(model: nn.Module, policy, example_inputs=None, verify: bool = False, *,
                          example_kwargs: Mapping | None = None, frontends=FRONTENDS) -> tuple[nn.Module, Report]:
     """`optimize`, also returning the `Report` (the same rows `explain` gives)."""
     policy = as_policy(policy)
     args = _inputs(example_inputs)
-    if verify and args is None and not example_kwargs:
+    kwargs = dict(example_kwargs or {})
+    if verify and args is None and not kwargs:
         raise PolicyError("verify=True needs example_inputs to compare the outputs with the original")
     work = copy.deepcopy(model)
-    cap = capture(work, args, example_kwargs, frontends=frontends, allow_module_fallback=policy.fallback == "module")
-    candidates = detect(cap.module, work) if cap.is_graph else detect_modules(work)
-    decisions, outcome = decide(candidates, policy, weight_of=functools.partial(weight_of, cap.module))
-    if cap.is_graph:
-        step = functools.partial(structure_linears, decisions=decisions, init=policy.init)
+    candidates, frontend, failures, fx_cap = _analyse(work, args, kwargs, policy)
+    unmatched = policy.unmatched([c.name for c in candidates])
+    decisions, outcome = decide(candidates, policy, weight_of=functools.partial(weight_of, work))
+    functional = {d.candidate.name for d in decisions if d.accepted and d.candidate.site == "function"}
+    cap = None
+    if functional:
+        cap, found = _graph_for(work, args, kwargs, functional, frontends, fx_cap)
+        if cap is None:
+            listing = "; ".join(f"{k}: {v}" for k, v in found.items())
+            failures.update(found)
+            decisions = _keep(decisions, functional, "functional use (the weight is read by forward code, not "
+                              f"called as a module) that no graph front end can rewrite ({listing})")
+    if cap is not None:
+        # rewrite in the graph: the decisions are made again on the graph's own candidates (same names)
+        graph_decisions = {d.candidate.name: d for d in decide(list(found.values()), policy,
+                                                              weight_of=functools.partial(weight_of, cap.module))[0]}
+        step = functools.partial(structure_linears, decisions=list(graph_decisions.values()), init=policy.init)
         functools.update_wrapper(step, structure_linears)
         result = run_passes(cap.module, [step])
         module = result.graph_module
         built = result.stats[structure_linears.__name__]["layers"]
         names = result.stats[structure_linears.__name__]["names"]
-        layers = {name: built.get(names.get(name, name)) for name in (d.candidate.name for d in decisions)}
+        graph_names = set(graph_decisions)
+        decisions = list(graph_decisions.values()) + [_not_in_graph(d, cap.frontend) for d in decisions
+                                                      if d.candidate.name not in graph_names]
+        layers = {d.candidate.name: built.get(names.get(d.candidate.name, d.candidate.name)) for d in decisions}
+        frontend = f"{frontend}+{cap.frontend}" if frontend != cap.frontend else frontend
+        if cap.frontend == "export":
+            module = behave_like(module, model, args or (), kwargs, model.training)
+        else:
+            module.train(model.training)
     else:
         module = work
         layers = structure_modules(work, decisions, policy.init)
-    try:
         module.train(model.training)
-    except NotImplementedError:  # torch.export graph modules keep the mode they were exported in
-        pass
+        if isinstance(getattr(module, "config", None), PretrainedConfig):
+            # the manifest rides in the config, so the model's own save_pretrained writes a loadable folder
+            module.config.einfx = manifest(module)
     rows = tuple(_row(d, layers.get(d.candidate.name), policy.fold_to_dense) for d in decisions)
     module.einfx_fold_to_dense = policy.fold_to_dense
-    error = output_error(model, module, args, example_kwargs) if verify else None
-    report = Report(rows, cap.frontend, dict(cap.reasons), type(model).__name__,
-                    outcome.to_dict() if outcome is not None else None, error)
+    error = output_error(model, module, args, kwargs) if verify else None
+    report = Report(rows, frontend, failures, type(model).__name__,
+                    outcome.to_dict() if outcome is not None else None, error, unmatched)
+    if unmatched:
+        warnings.warn(UnmatchedPatternWarning(format_unmatched(unmatched)), stacklevel=3)
     return module, report
+
+
+def _not_in_graph(d: Decision, frontend: str) -> Decision:
+    if not d.accepted:
+        return d
+    return Decision(d.candidate, False, f"not visible in the {frontend} graph (inside a module that tracer keeps "
+                                        "opaque); kept as it is")
 
 
 def optimize(model: nn.Module, policy, example_inputs=None, verify: bool = False, *,

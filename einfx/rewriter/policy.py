@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 from einfx.errors import EinfxError, PolicyError
 from einfx.structures.structure import Structure
 
-__all__ = ["Policy", "Rule", "Budget", "Selection", "INITS", "BUDGET_METRICS", "FALLBACKS"]
+__all__ = ["Policy", "Rule", "Budget", "Selection", "INITS", "BUDGET_METRICS", "FALLBACKS", "format_unmatched"]
 
 INITS = ("project", "random")
 BUDGET_METRICS = ("flops", "params")
@@ -278,6 +278,24 @@ class Policy:
             "fold_to_dense": self.fold_to_dense,
         }
 
+    # -- feedback -------------------------------------------------------------------------------------
+    def unmatched(self, names: Sequence[str]) -> dict[str, tuple[str, ...]]:
+        """Each rule pattern and exclude pattern that matches none of ``names`` -> up to 3 closest names.
+
+        A rule by ``module_type`` only is not checked (a type rule shared across model families is normal).
+        """
+        import difflib
+
+        names = list(names)
+        out: dict[str, tuple[str, ...]] = {}
+        patterns = [(f"rule {r.pattern!r}", r.pattern) for r in self.rules if r.pattern is not None]
+        patterns += [(f"exclude {p!r}", p) for p in self.exclude]
+        for label, pattern in patterns:
+            if not any(_matches(pattern, n) for n in names):
+                plain = pattern[3:] if pattern.startswith("re:") else pattern
+                out[label] = tuple(difflib.get_close_matches(plain, names, n=3, cutoff=0.3))
+        return out
+
     # -- resolution -----------------------------------------------------------------------------------
     def select(self, name: str, type_names: Sequence[str] = ()) -> Selection:
         """Apply the precedence to one layer name and the class names (MRO) of its owning module."""
@@ -297,3 +315,12 @@ class Policy:
         if self.default is not None:
             return Selection(self.default, "policy default")
         return Selection(None, "excluded by policy (no rule matches and the policy has no default)")
+
+
+def format_unmatched(unmatched: Mapping[str, Sequence[str]]) -> str:
+    """One line per unmatched pattern, with the closest layer names."""
+    lines = []
+    for what, close in unmatched.items():
+        hint = f"; closest layer names: {', '.join(map(repr, close))}" if close else ""
+        lines.append(f"policy {what} matches no layer of the model{hint}")
+    return "\n".join(lines)

@@ -70,6 +70,8 @@ class Report:
         model: the model's class name.
         budget: the budget planner's outcome (metric, target, achieved), or ``None``.
         verify_error: largest relative Frobenius error of the outputs against the original, when verified.
+        unmatched: policy patterns (``"rule 'x'"``, ``"exclude 'y'"``) that matched no layer -> the closest
+            layer names.
     """
 
     rows: tuple[Row, ...]
@@ -78,6 +80,7 @@ class Report:
     model: str = ""
     budget: Mapping[str, Any] | None = None
     verify_error: float | None = None
+    unmatched: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def structured(self) -> tuple[Row, ...]:
@@ -92,6 +95,7 @@ class Report:
         return {
             "model": self.model, "frontend": self.frontend, "trace_failures": dict(self.trace_failures),
             "budget": dict(self.budget) if self.budget is not None else None, "verify_error": self.verify_error,
+            "unmatched": {k: list(v) for k, v in self.unmatched.items()},
             "totals": self.totals(), "rows": [r.to_dict() for r in self.rows],
         }
 
@@ -122,6 +126,8 @@ class Report:
             lines.append(f"  budget: {b['metric']} target {b['target']:.4g} of dense, achieved {b['achieved']:.4g}")
         if self.verify_error is not None:
             lines.append(f"  verify: max relative output error {self.verify_error:.3g}")
+        for what, close in self.unmatched.items():
+            lines.append(f"  policy {what} matches no layer" + (f" (closest: {', '.join(close)})" if close else ""))
         for fe, why in self.trace_failures.items():
             lines.append(f"  front end {fe} failed: {why}")
         return "\n".join(lines)

@@ -111,17 +111,8 @@ def _rewrite_function(gm: fx.GraphModule, node: fx.Node, layer: EinsumLinear, ca
 
 def _rewrite_mha(gm: fx.GraphModule, node: fx.Node, layers: dict[str, EinsumLinear]) -> None:
     mha: nn.MultiheadAttention = gm.get_submodule(node.target)
-    in_proj = layers.get(f"{node.target}.in_proj")
-    if in_proj is None:
-        e = mha.embed_dim
-        in_proj = nn.Linear(e, 3 * e, bias=mha.in_proj_bias is not None, device=mha.in_proj_weight.device,
-                            dtype=mha.in_proj_weight.dtype)
-        with torch.no_grad():
-            in_proj.weight.copy_(mha.in_proj_weight)
-            if mha.in_proj_bias is not None:
-                in_proj.bias.copy_(mha.in_proj_bias)
-    out_proj = layers.get(f"{node.target}.out_proj", mha.out_proj)
-    _set(gm, node.target, FusedSelfAttention.from_mha(mha, in_proj, out_proj))
+    fused = _fused_attention(mha, layers.get(f"{node.target}.in_proj"), layers.get(f"{node.target}.out_proj"))
+    _set(gm, node.target, fused)
 
 
 def structure_linears(gm: fx.GraphModule, decisions: Sequence[Decision], init: str) -> PassResult:
@@ -157,10 +148,39 @@ def structure_linears(gm: fx.GraphModule, decisions: Sequence[Decision], init: s
 
 
 def structure_modules(model: nn.Module, decisions: Sequence[Decision], init: str) -> dict[str, EinsumLinear]:
-    """Module-level fallback: swap the accepted nn.Linear / Conv1D submodules of ``model`` in place."""
+    """Write the accepted decisions into ``model``'s own module tree (in place), keeping its class.
+
+    nn.Linear / Conv1D submodules become `EinsumLinear`; an nn.MultiheadAttention with an accepted in_proj
+    or out_proj becomes a `FusedSelfAttention` whose projections are the structured layers (the other one
+    stays an exact dense nn.Linear). Candidates of other sites are refused: they need a graph.
+    """
     built = {}
+    attention: dict[str, None] = {}
     for d in decisions:
-        if d.accepted:
-            built[d.candidate.name] = build_layer(model, d, init)
-            _set(model, d.candidate.name, built[d.candidate.name])
+        if not d.accepted:
+            continue
+        cand = d.candidate
+        if cand.site not in ("module", "fallback", "mha"):
+            raise ValueError(f"candidate {cand.name!r}: site {cand.site!r} needs a graph rewrite")
+        built[cand.name] = build_layer(model, d, init)
+        if cand.site == "mha":
+            attention[cand.name.rpartition(".")[0]] = None
+        else:
+            _set(model, cand.name, built[cand.name])
+    for path in attention:
+        mha = model.get_submodule(path) if path else model
+        prefix = f"{path}." if path else ""
+        _set(model, path, _fused_attention(mha, built.get(f"{prefix}in_proj"), built.get(f"{prefix}out_proj")))
     return built
+
+
+def _fused_attention(mha: nn.MultiheadAttention, in_proj, out_proj) -> FusedSelfAttention:
+    if in_proj is None:
+        e = mha.embed_dim
+        in_proj = nn.Linear(e, 3 * e, bias=mha.in_proj_bias is not None, device=mha.in_proj_weight.device,
+                            dtype=mha.in_proj_weight.dtype)
+        with torch.no_grad():
+            in_proj.weight.copy_(mha.in_proj_weight)
+            if mha.in_proj_bias is not None:
+                in_proj.bias.copy_(mha.in_proj_bias)
+    return FusedSelfAttention.from_mha(mha, in_proj, out_proj if out_proj is not None else mha.out_proj)

@@ -69,7 +69,7 @@ class Capture:
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     first = text[0] if text else ""
-    return f"{type(exc).__name__}: {first[:300]}"
+    return f"{type(exc).__name__}: {first}"
 
 
 def _try_fx(model: nn.Module, example_inputs, example_kwargs) -> fx.GraphModule:
@@ -99,8 +99,8 @@ def _try_export(model: nn.Module, example_inputs, example_kwargs) -> nn.Module:
         raise RuntimeError("needs example_inputs (torch.export runs the model on them)")
     args = tuple(example_inputs) if example_inputs is not None else ()
     kwargs = dict(example_kwargs or {})
-    # Every tensor dimension is exported as Dim.AUTO, so that the graph serves other batch and sequence sizes
-    # (export specializes the dims the model really fixes). Export also specializes every dim of size 1, so a
+    # The batch axis and the token axis of integer (batch, tokens) inputs are exported as Dim.AUTO, so that the
+    # graph serves other batch and sequence sizes (export specializes the dims the model really fixes). Export also specializes every dim of size 1, so a
     # batch of 1 is first widened to 2 by repeating it. A model that only exports with static shapes is
     # captured at the example's shapes.
     attempts = [(_widen_batch(args), _widen_batch(kwargs), True), (args, kwargs, True), (args, kwargs, False)]
@@ -131,8 +131,14 @@ def _widen_batch(value):
 
 def _auto_dynamic_shapes(args: tuple, kwargs: dict):
     def spec(value):
+        # the axes that vary in deployment: batch, and the token axis of (batch, tokens) integer inputs and of
+        # (batch, tokens, features) inputs; making
+        # every axis symbolic (image height and width) costs torch.export minutes on windowed models (swin)
         if isinstance(value, torch.Tensor):
-            return {i: torch.export.Dim.AUTO for i in range(value.dim())} if value.dim() else None
+            if not value.dim():
+                return None
+            dims = [0] + ([1] if (value.dim() == 2 and not value.is_floating_point()) or value.dim() == 3 else [])
+            return {i: torch.export.Dim.AUTO for i in dims}
         if isinstance(value, (list, tuple)):
             return type(value)(spec(v) for v in value)
         if isinstance(value, dict):

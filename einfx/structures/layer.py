@@ -79,6 +79,8 @@ class EinsumLinear(nn.Module):
         self.name = name
         self.order = "auto"
         self.projection_error: float | None = None
+        # the device profile a captured graph (torch.export, ONNX) plans with; None: the device's default
+        self.export_profile = None
         factory = {"device": device, "dtype": dtype}
         if self.sizes.dense:
             self.weight = nn.Parameter(torch.empty(d_out, d_in, **factory))
@@ -87,6 +89,14 @@ class EinsumLinear(nn.Module):
             self.B = nn.Parameter(torch.empty(self.sizes.b_shape, **factory))
         self.bias = nn.Parameter(torch.zeros(d_out, **factory)) if bias else None
         init_cores_(self.cores(), self.sizes, zero_last=zero_init_last)
+
+    def __getattr__(self, name: str):
+        # Code written for nn.Linear reads ``.weight`` (T5 checks its dtype in forward; PyTorch's encoder
+        # fast path passes it to a fused kernel): a structured layer answers with the exact dense weight it
+        # computes, differentiable with respect to the cores. Only called when normal lookup fails.
+        if name == "weight" and "A" in self.__dict__.get("_parameters", {}):
+            return Fn.fold(self.A, self.B, self.sizes)
+        return super().__getattr__(name)
 
     # -- structure --------------------------------------------------------------------------------
     def cores(self) -> dict[str, nn.Parameter]:
@@ -121,23 +131,21 @@ class EinsumLinear(nn.Module):
                 f"dimension (shape {tuple(x.shape)}), expected d_in = {self.in_features}"
             )
         if self.sizes.dense:
-            y = torch.matmul(x, self.weight.t())
-        else:
-            from einfx.planning import execute, plan_for
-            from einfx.planning.profile import default_profile
+            return torch.nn.functional.linear(x, self.weight, self.bias)  # nn.Linear's kernel, bit for bit
+        from einfx.planning import execute, plan_for
+        from einfx.planning.profile import default_profile
 
-            # traced / symbolic token counts plan for 512 tokens: the plan's steps run at any count
-            n = x.numel() // self.in_features
-            tokens = max(1, n) if isinstance(n, int) else 512
-            capturing = not isinstance(n, int) or torch.compiler.is_compiling() or torch.compiler.is_exporting()
-            if capturing:
-                plan = plan_for(self, tokens, dtype=x.dtype, profile=default_profile(x.device.type))
-                if plan.token_block:  # a captured graph must serve every token count: run the whole batch
-                    plan = dataclasses.replace(plan, token_block=0)
-            else:
-                plan = self._eager_plan(tokens, x)
-            return execute(plan, x, self.cores(), self.bias)
-        return y + self.bias if self.bias is not None else y
+        # traced / symbolic token counts plan for 512 tokens: the plan's steps run at any count
+        n = x.numel() // self.in_features
+        tokens = max(1, n) if isinstance(n, int) else 512
+        capturing = not isinstance(n, int) or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+        if capturing:
+            plan = plan_for(self, tokens, dtype=x.dtype, profile=self.export_profile or default_profile(x.device.type))
+            if plan.token_block:  # a captured graph must serve every token count: run the whole batch
+                plan = dataclasses.replace(plan, token_block=0)
+        else:
+            plan = self._eager_plan(tokens, x)
+        return execute(plan, x, self.cores(), self.bias)
 
     @torch.no_grad()
     def to_dense(self) -> torch.Tensor:

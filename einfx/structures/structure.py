@@ -8,6 +8,7 @@ d_ρ = min(d_in, d_out)^θρ.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from einfx.errors import ShapeError, StructureError
@@ -260,10 +261,16 @@ class Structure:
                     raise StructureError(f"structure {spec!r}: expected key=value after ':', got {item!r}")
                 kw[key.strip()] = _parse_scalar(value.strip())
             spec = {"kind": name.strip(), **kw}
-        if not isinstance(spec, dict):
+        if not isinstance(spec, Mapping):
             raise StructureError(f"a structure is a name, 'name:key=value', a dict or a Structure; got {spec!r}")
         spec = dict(spec)
-        kind = spec.pop("kind", None)
+        if "kind" in spec and "structure" in spec:
+            raise StructureError(f"structure {spec!r}: give 'kind' or its synonym 'structure', not both")
+        # {"structure": "btt", "rank": 1} reads as naturally as {"kind": "btt", "rank": 1}
+        kind = spec.pop("kind", None) if "kind" in spec else spec.pop("structure", None)
+        if kind is None:
+            raise StructureError(f"structure {spec!r} names no kind: a mapping needs the key 'kind' (or "
+                                 "'structure'), e.g. {'kind': 'btt', 'rank': 1}")
         builders = {
             "dense": cls.dense, "low_rank": cls.low_rank, "kronecker": cls.kronecker,
             "tensor_train": cls.tensor_train, "btt": cls.btt, "monarch": cls.monarch, "theta": cls.from_theta,

@@ -11,7 +11,7 @@ import signal
 import yaml
 
 from einfx.cli.pipeline import count_params
-from einfx.cli.specs import build_model
+from einfx.zoo import build_model
 from einfx.errors import PolicyError
 
 POLICY_KEYS = {"default", "rules", "exclude", "min_features", "init", "budget", "fallback"}

@@ -13,7 +13,7 @@ from cli_fakes import crashing_convert, fake_convert
 from safetensors.torch import save_model
 
 from einfx.cli.main import main
-from einfx.cli.specs import build_model, parse_spec
+from einfx.zoo import build_model, parse_spec
 
 TINY_GPT = "hf:gpt2?n_embd=32&n_head=2&n_layer=1&n_positions=64&vocab_size=100"  # canonical order
 TINY_BERT = ("hf:bert?hidden_size=32&intermediate_size=64&max_position_embeddings=64&num_attention_heads=2"

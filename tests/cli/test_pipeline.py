@@ -12,7 +12,7 @@ from torch import nn
 
 from einfx.cli.main import main
 from einfx.cli.pipeline import count_flops, count_params, load_policy
-from einfx.cli.specs import build_model, parse_spec
+from einfx.zoo import build_model, parse_spec
 from einfx.errors import PolicyError
 
 TINY_GPT = "hf:gpt2?n_embd=64&n_head=2&n_layer=2&n_positions=64&vocab_size=512"

@@ -2,7 +2,7 @@ import pytest
 import torch
 from safetensors.torch import save_model
 
-from einfx.cli.specs import ModelSpec, build_model, parse_overrides, parse_spec
+from einfx.zoo import ModelSpec, build_model, parse_overrides, parse_spec
 from einfx.errors import ModelSpecError
 
 TINY_GPT = "hf:gpt2?n_layer=1&n_embd=32&n_head=2&vocab_size=100&n_positions=64"

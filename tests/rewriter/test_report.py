@@ -28,9 +28,9 @@ def test_explain_table_and_json_have_one_row_per_candidate():
     lines = text.splitlines()
     assert lines[0].split()[:4] == ["name", "kind", "d_in->d_out", "decision"]
     assert any(line.startswith("head ") and "tied or shared weight" in line for line in lines)
-    assert "4 of 5 candidate layers structured" in text and "(traced with fx)" in text
+    assert "4 of 5 candidate layers structured" in text and "(traced with record+fx)" in text
     data = json.loads(rep.to_json())
-    assert data["frontend"] == "fx" and len(data["rows"]) == 5
+    assert data["frontend"] == "record+fx" and len(data["rows"]) == 5
     assert data["rows"][0]["name"] == "fc1" and data["rows"][0]["shape"] == [128, 64]
     totals = rep.totals()
     assert data["totals"] == totals and totals["params_before"] == sum(r.params_before for r in rep.rows)

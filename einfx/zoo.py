@@ -266,7 +266,6 @@ def _build_hf(spec: ModelSpec, tokens: int):
             f" (close matches: {close}); valid keys include: {', '.join(valid[:40])}")
     # A config object only: from_pretrained / trust_remote_code are never used, so nothing is fetched or run.
     config = config_class(**dict(spec.overrides))
-    config.use_cache = False
     # Decoder-only LMs keep their LM head; encoders (also listed for causal LM, e.g. bert) use the base model.
     causal = (type(config) in transformers.MODEL_FOR_CAUSAL_LM_MAPPING
               and type(config) not in transformers.MODEL_FOR_MASKED_LM_MAPPING)
@@ -303,7 +302,7 @@ def _read_state_dict(path: str) -> dict:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any reader failure means the file is unusable; keep the cause chained
         raise ModelSpecError(f"weights file {path!r} is corrupt or unreadable: {type(exc).__name__}: "
-                             f"{str(exc)[:300]}") from exc
+                             f"{exc}") from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
