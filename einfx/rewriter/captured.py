@@ -1,8 +1,8 @@
 """Make a torch.export graph module behave like the model it came from.
 
 ``ExportedProgram.module()`` refuses ``train()``/``eval()`` and takes exactly the argument layout of the
-example it was exported with. `behave_like` fixes both on the graph module itself (parameter names and
-``state_dict`` keys stay as they are):
+example it was exported with. `behave_like` returns the graph as a `CapturedGraphModule` that fixes both
+(parameter names and ``state_dict`` keys stay as they are):
 
     gm.train(mode) / gm.eval()   -> flags set on every submodule, and the mode arguments baked into the
                                     graph (aten.dropout's ``train``, aten.batch_norm's ``training``) flipped
@@ -13,8 +13,8 @@ example it was exported with. `behave_like` fixes both on the graph module itsel
 
 from __future__ import annotations
 
+import copy
 import inspect
-import types
 from typing import Mapping
 
 import torch
@@ -22,7 +22,7 @@ from torch import fx, nn
 
 from einfx.errors import TraceError
 
-__all__ = ["behave_like", "set_graph_mode", "MODE_ARGS"]
+__all__ = ["CapturedGraphModule", "behave_like", "set_graph_mode", "MODE_ARGS"]
 
 _aten = torch.ops.aten
 # op -> index of its bool "training" argument
@@ -50,21 +50,8 @@ def set_graph_mode(gm: fx.GraphModule, training: bool) -> int:
     return changed
 
 
-def _train(self: fx.GraphModule, mode: bool = True):
-    if not isinstance(mode, bool):
-        raise ValueError("training mode is expected to be boolean")
-    for module in self.modules():
-        module.training = mode
-    set_graph_mode(self, mode)
-    return self
-
-
-def _eval(self: fx.GraphModule):
-    return _train(self, False)
-
-
 class _Rebind:
-    """Forward pre-hook: bind a call to the original signature and pass it in the example's layout."""
+    """Bind a call to the original signature and pass it in the example's layout."""
 
     def __init__(self, signature: inspect.Signature, positional: tuple[str, ...], keywords: tuple[str, ...],
                  owner: str):
@@ -73,7 +60,7 @@ class _Rebind:
         self.keywords = keywords
         self.owner = owner
 
-    def __call__(self, module, args, kwargs):
+    def __call__(self, args, kwargs):
         try:
             bound = self.signature.bind(*args, **kwargs)
         except TypeError as exc:
@@ -92,20 +79,54 @@ class _Rebind:
                 {n: bound.arguments[n] for n in self.keywords})
 
 
+class CapturedGraphModule(fx.GraphModule):
+    """The graph module `einfx.optimize` returns for functional sites: it trains and evaluates like the
+    model it came from, takes that model's call signature, and keeps einfx's attributes through
+    ``copy.deepcopy`` (which the ONNX export makes)."""
+
+    _PRESERVED = ("einfx_call", "einfx_report", "einfx_fold_to_dense")
+
+    def train(self, mode: bool = True):
+        if not isinstance(mode, bool):
+            raise ValueError("training mode is expected to be boolean")
+        for module in self.modules():
+            module.training = mode
+        set_graph_mode(self, mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def __call__(self, *args, **kwargs):
+        rebind = self.__dict__.get("einfx_call")
+        if rebind is not None:
+            args, kwargs = rebind(args, kwargs)
+        return super().__call__(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        res = super().__deepcopy__(memo)
+        for key in self._PRESERVED:
+            if key in self.__dict__:
+                res.__dict__[key] = copy.deepcopy(self.__dict__[key], memo)
+        return res
+
+
 def behave_like(gm: fx.GraphModule, model: nn.Module, args: tuple, kwargs: Mapping, training: bool) -> fx.GraphModule:
-    """Give ``gm`` (from ``torch.export``) working ``train``/``eval`` and ``model.forward``'s signature."""
-    gm.train = types.MethodType(_train, gm)
-    gm.eval = types.MethodType(_eval, gm)
+    """A `CapturedGraphModule` of ``gm``'s graph with ``model.forward``'s signature, in ``training`` mode.
+
+    The signature is rebound only for graphs that take the example's layout (torch.export); an fx graph
+    already has the forward's own signature (pass ``args=None``).
+    """
+    out = CapturedGraphModule(gm, gm.graph, type(model).__name__)
     try:
         signature = inspect.signature(model.forward)
     except (TypeError, ValueError):
         signature = None
-    if signature is not None and not any(p.kind == p.VAR_POSITIONAL for p in signature.parameters.values()):
+    if args is not None and signature is not None and not any(
+            p.kind == p.VAR_POSITIONAL for p in signature.parameters.values()):
         names = [n for n, p in signature.parameters.items() if p.kind != p.VAR_KEYWORD]
         positional = tuple(names[: len(args)])
         keywords = tuple(kwargs)
         if len(positional) == len(args) and all(k in signature.parameters for k in keywords):
-            gm.register_forward_pre_hook(_Rebind(signature, positional, keywords, type(model).__name__),
-                                         with_kwargs=True, prepend=True)
-    _train(gm, training)
-    return gm
+            out.einfx_call = _Rebind(signature, positional, keywords, type(model).__name__)
+    return out.train(training)

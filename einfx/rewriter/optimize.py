@@ -210,10 +210,8 @@ def optimize_with_report(model: nn.Module, policy, example_inputs=None, verify: 
                                                       if d.candidate.name not in graph_names]
         layers = {d.candidate.name: built.get(names.get(d.candidate.name, d.candidate.name)) for d in decisions}
         frontend = f"{frontend}+{cap.frontend}" if frontend != cap.frontend else frontend
-        if cap.frontend == "export":
-            module = behave_like(module, model, args or (), kwargs, model.training)
-        else:
-            module.train(model.training)
+        exported = cap.frontend == "export"
+        module = behave_like(module, model, (args or ()) if exported else None, kwargs, model.training)
     else:
         module = work
         layers = structure_modules(work, decisions, policy.init)

@@ -23,8 +23,13 @@ def test_demo_quick_prints_table_saving_and_verify_error(capsys, tmp_path):
     head = next(line for line in lines if line.startswith("lm_head"))
     assert "kept" in head
     assert "tied or shared weight: 'lm_head.weight' is the same tensor as 'transformer.wte.weight'" in head
-    assert "8 of 9 candidate layers structured" in out and "(traced with export)" in out
+    assert "8 of 9 candidate layers structured" in out and "(traced with record)" in out
     assert "whole model parameters:" in out and "verify: max relative output error" in out
+    # still the user's class, generating with its KV cache; saved and loaded back exactly
+    assert "GPT2LMHeadModel.generate, greedy, 12 new tokens" in out
+    generated = [line for line in out.splitlines() if line.startswith(("  dense ", "  optimized "))]
+    assert len(generated) == 2 and all(len(line.split("]")[0].split(",")) == 12 for line in generated)
+    assert "einfx.load gives a GPT2LMHeadModel with identical logits" in out
 
     # the ONNX part: both files written and verified, latency table with the speedup column
     assert (tmp_path / "dense.onnx").is_file() and (tmp_path / "optimized.onnx").is_file()
