@@ -1,7 +1,8 @@
-"""`optimize` and `explain`: trace a model, find every linear computation, structure it by policy, report.
+"""`optimize` and `explain`: see every linear computation of a model, structure it by policy, report.
 
-    model -> capture (fx | hf_fx | export | module fallback) -> detect -> decide (policy, budget)
-          -> run_passes([structure_linears]) -> GraphModule + Report
+    model -> record (example inputs) | fx (none) -> candidates -> decide (policy, budget)
+          -> every accepted site a module: structure_modules -> the user's class + Report
+          -> functional sites: capture (fx | export) -> detect -> structure_linears -> CapturedGraphModule
 
 The input model is never modified: the pipeline works on a deep copy (weight ties are kept in the copy).
 """
@@ -16,12 +17,6 @@ from typing import Any, Mapping
 
 import torch
 from torch import nn
-
-try:
-    from transformers import PretrainedConfig
-except ImportError:  # transformers is optional: no Hugging Face config to annotate
-    class PretrainedConfig:  # noqa: D101 - a stand-in nothing is an instance of
-        pass
 from torch.utils import _pytree as pytree
 
 from einfx.errors import PolicyError, TraceError, UnmatchedPatternWarning
@@ -35,7 +30,7 @@ from einfx.rewriter.substitute import structure_linears, structure_modules, weig
 from einfx.rewriter.captured import behave_like
 from einfx.rewriter.policy import format_unmatched
 from einfx.rewriter.record import record, record_candidates
-from einfx.rewriter.saved import manifest
+from einfx.rewriter.saved import is_hf_model, manifest
 from einfx.rewriter.trace import FRONTENDS, capture
 from einfx.structures.sizes import Sizes
 
@@ -216,7 +211,7 @@ def optimize_with_report(model: nn.Module, policy, example_inputs=None, verify: 
         module = work
         layers = structure_modules(work, decisions, policy.init)
         module.train(model.training)
-        if isinstance(getattr(module, "config", None), PretrainedConfig):
+        if is_hf_model(module):
             # the manifest rides in the config, so the model's own save_pretrained writes a loadable folder
             module.config.einfx = manifest(module)
     rows = tuple(_row(d, layers.get(d.candidate.name), policy.fold_to_dense) for d in decisions)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from typing import Any
@@ -33,7 +34,7 @@ from einfx.rewriter.substitute import _fused_attention, _set
 from einfx.structures.layer import EinsumLinear
 from einfx.structures.structure import Structure
 
-__all__ = ["save", "load", "manifest", "MANIFEST", "WEIGHTS", "FORMAT_VERSION"]
+__all__ = ["save", "load", "manifest", "is_hf_model", "MANIFEST", "WEIGHTS", "FORMAT_VERSION"]
 
 MANIFEST = "einfx.json"
 WEIGHTS = "model.safetensors"
@@ -42,12 +43,10 @@ FORMAT = "einfx-structured-model"
 FORMAT_VERSION = 1
 
 
-def _is_hf(model: nn.Module) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:
-        return False
-    return isinstance(model, PreTrainedModel)
+def is_hf_model(model: nn.Module) -> bool:
+    """A transformers ``PreTrainedModel`` (without importing transformers: a model of it means it is loaded)."""
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
 
 
 def _dtype_name(module: nn.Module) -> str:
@@ -68,7 +67,7 @@ def manifest(model: nn.Module, base: str | None = None) -> dict:
                              "dropout": m.attn_drop.p, "batch_first": m.batch_first}
     if base is not None:
         source = {"kind": "spec", "spec": base}
-    elif _is_hf(model):
+    elif is_hf_model(model):
         source = {"kind": "transformers", "class": type(model).__name__}
     elif getattr(model, "einfx_spec", None):
         source = {"kind": "spec", "spec": str(model.einfx_spec)}
@@ -268,7 +267,7 @@ def _load_weights(model: nn.Module, file: str) -> None:
     except Exception as exc:  # safetensors raises its own error types for a corrupt file
         raise SavedModelError(f"einfx.load: the weights file {file} is corrupt or unreadable: "
                               f"{type(exc).__name__}: {exc}") from exc
-    if _is_hf(model):
+    if is_hf_model(model):
         saved = _hf_names(model, saved, file)
     state = model.state_dict()
     unexpected = sorted(set(saved) - set(state))
