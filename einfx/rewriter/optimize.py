@@ -13,7 +13,7 @@ import copy
 import functools
 import os
 import warnings
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -28,6 +28,8 @@ from einfx.rewriter.policy import Policy
 from einfx.rewriter.report import Report, Row
 from einfx.rewriter.substitute import structure_linears, structure_modules, weight_of
 from einfx.rewriter.captured import behave_like
+from einfx.rewriter.fidelity import fidelity
+from einfx.rewriter.fit import fit_on_data
 from einfx.rewriter.policy import format_unmatched
 from einfx.rewriter.record import record, record_candidates
 from einfx.rewriter.saved import is_hf_model, manifest
@@ -90,14 +92,15 @@ def output_error(reference: nn.Module, candidate: nn.Module, example_inputs, exa
     return worst
 
 
-def _row(d: Decision, layer, fold_allowed: bool = True) -> Row:
+def _row(d: Decision, layer, fold_allowed: bool = True, note: str | None = None) -> Row:
     c = d.candidate
     dense = Sizes.for_dense(c.d_in, c.d_out)
     p0, f0 = int(option_cost(dense, "params")), int(option_cost(dense, "flops"))
     if not d.accepted or layer is None:
         return Row(c.name, c.kind, c.shape, c.d_in, c.d_out, "kept", d.reason, None, None, p0, p0, f0, f0)
     z = layer.sizes
-    row = Row(c.name, c.kind, c.shape, c.d_in, c.d_out, "structured", d.reason, d.structure.name, z.describe(), p0,
+    reason = f"{d.reason}; {note}" if note else d.reason
+    row = Row(c.name, c.kind, c.shape, c.d_in, c.d_out, "structured", reason, d.structure.name, z.describe(), p0,
               int(option_cost(z, "params")), f0, int(option_cost(z, "flops")), layer.projection_error)
     return row.with_extra(**_inference_columns(layer, fold_allowed))
 
@@ -118,7 +121,8 @@ def _inference_columns(layer, fold_allowed: bool, tokens: int = DEPLOY_TOKENS) -
 
 
 def _analyse(work: nn.Module, args, kwargs, policy: Policy):
-    """Every linear computation of ``work``: (candidates, front end, failures, fx capture or None).
+    """Every linear computation of ``work``: (candidates, front end, failures, fx capture or the module
+    names in the order they ran).
 
     With example inputs the model runs once under the recorder (`einfx.rewriter.record`), which needs no
     tracer; without them torch.fx is the only way to look, and a model it cannot trace falls back to the
@@ -130,7 +134,7 @@ def _analyse(work: nn.Module, args, kwargs, policy: Policy):
         except Exception as exc:  # the model's own error on the example inputs
             raise TraceError(f"{type(work).__name__} raised on the example inputs, so einfx cannot see which "
                              f"linear layers run: {type(exc).__name__}: {exc}", {"record": str(exc)}) from exc
-        return record_candidates(work, rec), "record", {}, None
+        return record_candidates(work, rec), "record", {}, list(rec.calls)
     try:
         cap = capture(work, None, None, frontends=("fx",), allow_module_fallback=policy.fallback == "module")
     except TraceError as exc:
@@ -169,20 +173,37 @@ def _keep(decisions, names: set[str], why: str):
     return [Decision(d.candidate, False, why) if d.candidate.name in names else d for d in decisions]
 
 
+def _example(data: list):
+    """(args, kwargs) of the first data batch, as an example input."""
+    first = data[0]
+    if isinstance(first, Mapping):
+        return None, dict(first)
+    return _inputs(first), {}
+
+
 def optimize_with_report(model: nn.Module, policy, example_inputs=None, verify: bool = False, *,
-                         example_kwargs: Mapping | None = None, frontends=FRONTENDS) -> tuple[nn.Module, Report]:
+                         example_kwargs: Mapping | None = None, frontends=FRONTENDS,
+                         data: Iterable | None = None) -> tuple[nn.Module, Report]:
     """`optimize`, also returning the `Report` (the same rows `explain` gives)."""
     policy = as_policy(policy)
     args = _inputs(example_inputs)
     kwargs = dict(example_kwargs or {})
+    data = list(data) if data is not None else None
+    if data is not None and not data:
+        raise PolicyError("data= holds no batches; give at least one batch (a dict, a tuple or a tensor)")
+    if data is not None and args is None and not kwargs:
+        args, kwargs = _example(data)
     if verify and args is None and not kwargs:
         raise PolicyError("verify=True needs example_inputs to compare the outputs with the original")
     work = copy.deepcopy(model)
-    candidates, frontend, failures, fx_cap = _analyse(work, args, kwargs, policy)
+    candidates, frontend, failures, seen = _analyse(work, args, kwargs, policy)
+    fx_cap = seen if not isinstance(seen, list) else None
+    order = seen if isinstance(seen, list) else [c.name for c in candidates]
     unmatched = policy.unmatched([c.name for c in candidates])
     decisions, outcome = decide(candidates, policy, weight_of=functools.partial(weight_of, work))
     functional = {d.candidate.name for d in decisions if d.accepted and d.candidate.site == "function"}
     cap = None
+    notes: dict[str, str] = {}
     if functional:
         cap, found = _graph_for(work, args, kwargs, functional, frontends, fx_cap)
         if cap is None:
@@ -209,16 +230,21 @@ def optimize_with_report(model: nn.Module, policy, example_inputs=None, verify: 
         module = behave_like(module, model, (args or ()) if exported else None, kwargs, model.training)
     else:
         module = work
-        layers = structure_modules(work, decisions, policy.init)
+        if data is not None and policy.init == "project":
+            layers, notes = fit_on_data(work, decisions, policy.init, data, order, reference=model)
+        else:
+            layers = structure_modules(work, decisions, policy.init)
         module.train(model.training)
         if is_hf_model(module):
             # the manifest rides in the config, so the model's own save_pretrained writes a loadable folder
             module.config.einfx = manifest(module)
-    rows = tuple(_row(d, layers.get(d.candidate.name), policy.fold_to_dense) for d in decisions)
+    rows = tuple(_row(d, layers.get(d.candidate.name), policy.fold_to_dense, notes.get(d.candidate.name))
+                 for d in decisions)
     module.einfx_fold_to_dense = policy.fold_to_dense
     error = output_error(model, module, args, kwargs) if verify else None
+    fid = fidelity(model, module, data).to_dict() if data is not None else None
     report = Report(rows, frontend, failures, type(model).__name__,
-                    outcome.to_dict() if outcome is not None else None, error, unmatched)
+                    outcome.to_dict() if outcome is not None else None, error, unmatched, fid)
     if unmatched:
         warnings.warn(UnmatchedPatternWarning(format_unmatched(unmatched)), stacklevel=3)
     return module, report
@@ -232,7 +258,7 @@ def _not_in_graph(d: Decision, frontend: str) -> Decision:
 
 
 def optimize(model: nn.Module, policy, example_inputs=None, verify: bool = False, *,
-             example_kwargs: Mapping | None = None) -> nn.Module:
+             example_kwargs: Mapping | None = None, data: Iterable | None = None) -> nn.Module:
     """Structure every linear layer of ``model`` that ``policy`` selects.
 
     Args:
@@ -243,6 +269,11 @@ def optimize(model: nn.Module, policy, example_inputs=None, verify: bool = False
         verify: compare the outputs with the original model's on ``example_inputs``; the error is in
             ``module.einfx_report.verify_error``.
         example_kwargs: keyword example inputs.
+        data: calibration batches (dicts of keyword inputs such as a tokenizer's output, tuples of positional
+            inputs, or tensors). With ``init="project"`` every projected layer is fitted to its real inputs
+            (`einfx.rewriter.fit`: in execution order, on what the already-structured model feeds it), and the
+            report carries `einfx.fidelity` of the result against the original on these batches. The first
+            batch is the example when no example inputs are given.
 
     Returns:
         A `torch.fx.GraphModule` where a tracer captured the model (same call signature and output
@@ -253,13 +284,14 @@ def optimize(model: nn.Module, policy, example_inputs=None, verify: bool = False
         TraceError: no front end captured the model and the policy does not allow the module fallback.
         PolicyError: invalid policy, or a budget that cannot be met.
     """
-    module, report = optimize_with_report(model, policy, example_inputs, verify, example_kwargs=example_kwargs)
+    module, report = optimize_with_report(model, policy, example_inputs, verify, example_kwargs=example_kwargs,
+                                          data=data)
     module.einfx_report = report
     return module
 
 
 def explain(model: nn.Module, policy, example_inputs=None, verify: bool = False, *,
-            example_kwargs: Mapping | None = None) -> Report:
+            example_kwargs: Mapping | None = None, data: Iterable | None = None) -> Report:
     """The dry run of `optimize`: one row per candidate with its decision, reason, sizes, costs and projection
     error; ``print(report)`` shows a table, ``report.to_json()`` the same as JSON. ``model`` is unchanged."""
-    return optimize_with_report(model, policy, example_inputs, verify, example_kwargs=example_kwargs)[1]
+    return optimize_with_report(model, policy, example_inputs, verify, example_kwargs=example_kwargs, data=data)[1]

@@ -11,7 +11,10 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
-__all__ = ["Row", "Report"]
+__all__ = ["Row", "Report", "NOT_MEASURED"]
+
+NOT_MEASURED = ("not measured: the outputs were not compared with the original model on real data (pass data= "
+                "to optimize/explain, or --data to einfx convert)")
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,9 @@ class Report:
         verify_error: largest relative Frobenius error of the outputs against the original, when verified.
         unmatched: policy patterns (``"rule 'x'"``, ``"exclude 'y'"``) that matched no layer -> the closest
             layer names.
+        fidelity: `einfx.fidelity` of the result against the original on the ``data`` batches
+            (``Fidelity.to_dict()``), or ``None`` when no data was given: then the summary says that fidelity to
+            the original was not measured.
     """
 
     rows: tuple[Row, ...]
@@ -81,6 +87,7 @@ class Report:
     budget: Mapping[str, Any] | None = None
     verify_error: float | None = None
     unmatched: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    fidelity: Mapping[str, Any] | None = None
 
     @property
     def structured(self) -> tuple[Row, ...]:
@@ -96,6 +103,7 @@ class Report:
             "model": self.model, "frontend": self.frontend, "trace_failures": dict(self.trace_failures),
             "budget": dict(self.budget) if self.budget is not None else None, "verify_error": self.verify_error,
             "unmatched": {k: list(v) for k, v in self.unmatched.items()},
+            "fidelity": dict(self.fidelity) if self.fidelity is not None else NOT_MEASURED,
             "totals": self.totals(), "rows": [r.to_dict() for r in self.rows],
         }
 
@@ -126,6 +134,13 @@ class Report:
             lines.append(f"  budget: {b['metric']} target {b['target']:.4g} of dense, achieved {b['achieved']:.4g}")
         if self.verify_error is not None:
             lines.append(f"  verify: max relative output error {self.verify_error:.3g}")
+        f = self.fidelity
+        if f is None:
+            lines.append(f"  fidelity: {NOT_MEASURED}")
+        else:
+            top1 = f", top-1 agreement {f['top1_agreement']:.4f}" if f.get("top1_agreement") is not None else ""
+            lines.append(f"  fidelity to the original on {f['examples']} calibration examples ({f['output']}): "
+                         f"cosine {f['cosine']:.4f}, relative error {f['rel_error']:.4f}{top1}")
         for what, close in self.unmatched.items():
             lines.append(f"  policy {what} matches no layer" + (f" (closest: {', '.join(close)})" if close else ""))
         for fe, why in self.trace_failures.items():

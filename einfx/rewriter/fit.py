@@ -1,0 +1,169 @@
+"""Sequential data-aware fitting (SPEC §6): structure the layers in execution order, each fitted to the inputs
+that the already-structured model gives it.
+
+    for each group (a layer and the siblings that read the same input tensor: q, k, v):
+        stream the calibration batches through the current model and the original; accumulate C̃ = X̃ᵀX̃ and
+        K = X̃ᵀX of the group's inputs (X̃ structured, X original; padding positions left out where the batch
+        has an attention_mask), stopping each forward pass as soon as the group's inputs are seen;
+        fit each layer with `project_on_data` to min ‖Ŵ X̃ᵀ − W Xᵀ‖ and swap it into the model
+
+Memory holds one covariance per layer of the current group, never the data. Layers that are not plain
+module sites (attention decompositions, BTT-MoE, dense) are built as `build_layer` builds them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from einfx.rewriter.decide import Decision
+from einfx.rewriter.fidelity import batch_mask, call
+from einfx.rewriter.substitute import _set, structure_modules, weight_of
+from einfx.structures.calibrated import RIDGE, project_on_data
+from einfx.structures.layer import EinsumLinear
+
+__all__ = ["fit_on_data", "data_aware"]
+
+
+class _Enough(Exception):
+    """Raised by a hook once the group's inputs of this batch are all collected: the rest is not needed."""
+
+
+def data_aware(d: Decision) -> bool:
+    """Whether a decision's layer is fitted to data: an accepted module site with a projected structure."""
+    return d.accepted and d.candidate.site in ("module", "fallback") and d.structure.kind not in ("dense", "btt_moe")
+
+
+class _Inputs:
+    """Forward pre-hooks that keep the (unmasked) input rows of named modules for one batch, stopping the
+    forward pass once every one of them has been seen."""
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        self.names = set(modules)
+        self.rows: dict[str, torch.Tensor] = {}
+        self.inputs: dict[str, tuple[int, tuple]] = {}
+        self.batch: Any = None
+        self.stop = False
+        self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name):
+        def hook(module, args):
+            x = args[0]
+            self.inputs.setdefault(name, (x.data_ptr(), tuple(x.shape)))
+            if name in self.rows:
+                return
+            mask = batch_mask(self.batch, x.shape)
+            rows = x[mask] if mask is not None else x.reshape(-1, x.shape[-1])
+            self.rows[name] = rows.detach().double().reshape(-1, x.shape[-1])
+            if self.stop and set(self.rows) >= self.names:
+                raise _Enough
+        return hook
+
+    def run(self, model, batch, stop: bool = True) -> dict[str, torch.Tensor]:
+        self.batch, self.rows, self.stop = batch, {}, stop
+        try:
+            call(model, batch)
+        except _Enough:
+            pass
+        return self.rows
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _statistics(model, reference, names: list[str], data) -> dict[str, tuple[torch.Tensor, torch.Tensor | None, int]]:
+    """Per layer: (C̃ = Σ x̃ x̃ᵀ, K = Σ x̃ xᵀ or None, rows) with x̃ the structured model's inputs and x the
+    reference's inputs at the same positions."""
+    ours = _Inputs({n: model.get_submodule(n) for n in names})
+    theirs = _Inputs({n: reference.get_submodule(n) for n in names}) if reference is not None else None
+    stats: dict[str, list] = {n: [0.0, 0.0 if theirs is not None else None, 0] for n in names}
+    try:
+        for batch in data:
+            got = ours.run(model, batch)
+            ref = theirs.run(reference, batch) if theirs is not None else {}
+            for n in names:
+                x = got[n]
+                stats[n][0] = stats[n][0] + x.T @ x
+                if theirs is not None:
+                    stats[n][1] = stats[n][1] + x.T @ ref[n]
+                stats[n][2] += x.shape[0]
+    finally:
+        ours.close()
+        if theirs is not None:
+            theirs.close()
+    return {n: tuple(v) for n, v in stats.items()}
+
+
+@torch.no_grad()
+def fit_on_data(model: nn.Module, decisions: Sequence[Decision], init: str, data: Sequence, order: Sequence[str],
+                reference: nn.Module | None = None) -> tuple[dict[str, EinsumLinear], dict[str, str]]:
+    """Structure ``model`` in place; data-aware layers fitted in ``order`` (module names, execution order).
+
+    With ``reference`` (the original model, same module names), each layer is fitted to reproduce the
+    original layer's output on the original's inputs from the inputs the structured model gives it:
+    min Σ‖Ŵ x̃ − W x‖², that is the projection of W' = W Kᵀ C̃⁻¹ under C̃, so upstream errors are corrected
+    rather than carried along. Without it, min Σ‖(W − Ŵ) x̃‖².
+
+    Returns the built layers by name and, for the data-aware ones, how each was fitted.
+    """
+    fitted = [d for d in decisions if data_aware(d)]
+    rank = {name: i for i, name in enumerate(order)}
+    fitted.sort(key=lambda d: rank.get(d.candidate.name, len(rank)))
+    built = structure_modules(model, [d for d in decisions if d.accepted and not data_aware(d)], init)
+    notes: dict[str, str] = {}
+    remaining = list(fitted)
+    modes = [(m, m.training) for m in (model, reference) if m is not None]
+    for m, _ in modes:
+        m.eval()
+    try:
+        while remaining:
+            group = _group(model, remaining, data[0])
+            names = [d.candidate.name for d in group]
+            stats = _statistics(model, reference, names, data)
+            for d in group:
+                name = d.candidate.name
+                gram, cross, rows = stats[name]
+                layer = _fit(model, d, gram / max(rows, 1), None if cross is None else cross / max(rows, 1))
+                target = "the original's outputs" if cross is not None else "its own outputs"
+                notes[name] = f"fitted to {target} on {rows:,} calibration inputs ({layer.einfx_fit})"
+                _set(model, name, layer)
+                built[name] = layer
+            remaining = [d for d in remaining if d not in group]
+    finally:
+        for m, mode in modes:
+            m.train(mode)
+    return built, notes
+
+
+def _group(model, remaining: list[Decision], batch) -> list[Decision]:
+    """The first remaining layer and the remaining layers that read the very same input tensor."""
+    probe = _Inputs({d.candidate.name: model.get_submodule(d.candidate.name) for d in remaining})
+    try:
+        probe.run(model, batch, stop=False)
+    finally:
+        probe.close()
+    first = remaining[0].candidate.name
+    key = probe.inputs.get(first)
+    return [d for d in remaining if d.candidate.name == first or (key is not None and probe.inputs.get(d.candidate.name)
+                                                                  == key)]
+
+
+def _fit(model, d: Decision, cov: torch.Tensor, cross: torch.Tensor | None) -> EinsumLinear:
+    cand = d.candidate
+    w = weight_of(model, cand).detach()
+    b = model.get_parameter(cand.bias).detach() if cand.bias else None
+    layer = EinsumLinear.from_weight(w, b, d.structure, init="random", name=cand.name)
+    target = w
+    if cross is not None:  # W' = W Kᵀ C̃⁻¹: the dense map from the structured model's inputs to the original outputs
+        ridge = RIDGE * float(torch.diagonal(cov).mean() or 1.0)
+        eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+        target = torch.linalg.solve(cov + ridge * eye, cross @ w.double().T).T.to(w.dtype)
+    p = project_on_data(target, cov.to(w.device), d.structure, layer.sizes, name=cand.name)
+    for key, core in p.cores.items():
+        getattr(layer, key).copy_(core)
+    layer.projection_error = float(p.rel_error)
+    layer.einfx_fit = p.method
+    return layer
