@@ -21,10 +21,14 @@ from torch import nn
 from einfx.rewriter.decide import Decision
 from einfx.rewriter.fidelity import batch_mask, call
 from einfx.rewriter.substitute import _set, structure_modules, weight_of
-from einfx.structures.calibrated import RIDGE, project_on_data
+from einfx.structures.calibrated import project_on_data
 from einfx.structures.layer import EinsumLinear
 
 __all__ = ["fit_on_data", "data_aware"]
+
+
+# Added to each layer's input covariance, relative to its mean diagonal, before fitting.
+DAMPENING = 0.01
 
 
 class _Enough(Exception):
@@ -156,11 +160,13 @@ def _fit(model, d: Decision, cov: torch.Tensor, cross: torch.Tensor | None) -> E
     w = weight_of(model, cand).detach()
     b = model.get_parameter(cand.bias).detach() if cand.bias else None
     layer = EinsumLinear.from_weight(w, b, d.structure, init="random", name=cand.name)
+    # dampening (GPTQ's 1% of the mean diagonal): with fewer calibration rows than input features the covariance
+    # is singular, and fitting exactly inside the calibration subspace does not carry to other inputs
+    eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+    cov = cov + DAMPENING * float(torch.diagonal(cov).mean() or 1.0) * eye
     target = w
     if cross is not None:  # W' = W Kᵀ C̃⁻¹: the dense map from the structured model's inputs to the original outputs
-        ridge = RIDGE * float(torch.diagonal(cov).mean() or 1.0)
-        eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
-        target = torch.linalg.solve(cov + ridge * eye, cross @ w.double().T).T.to(w.dtype)
+        target = torch.linalg.solve(cov, cross @ w.double().T).T.to(w.dtype)
     p = project_on_data(target, cov.to(w.device), d.structure, layer.sizes, name=cand.name)
     for key, core in p.cores.items():
         getattr(layer, key).copy_(core)
