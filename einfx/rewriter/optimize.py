@@ -13,6 +13,7 @@ import copy
 import functools
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -120,9 +121,20 @@ def _inference_columns(layer, fold_allowed: bool, tokens: int = DEPLOY_TOKENS) -
     }
 
 
-def _analyse(work: nn.Module, args, kwargs, policy: Policy):
-    """Every linear computation of ``work``: (candidates, front end, failures, fx capture or the module
-    names in the order they ran).
+@dataclass(frozen=True)
+class _Analysis:
+    """What the first look at the model found: every linear computation, who looked, what failed, the fx
+    capture when fx did the looking, and the module names in the order they ran (recording only)."""
+
+    candidates: list
+    frontend: str
+    failures: dict
+    fx_capture: Any = None
+    order: tuple[str, ...] = ()
+
+
+def _analyse(work: nn.Module, args, kwargs, policy: Policy) -> _Analysis:
+    """Every linear computation of ``work``.
 
     With example inputs the model runs once under the recorder (`einfx.rewriter.record`), which needs no
     tracer; without them torch.fx is the only way to look, and a model it cannot trace falls back to the
@@ -134,7 +146,7 @@ def _analyse(work: nn.Module, args, kwargs, policy: Policy):
         except Exception as exc:  # the model's own error on the example inputs
             raise TraceError(f"{type(work).__name__} raised on the example inputs, so einfx cannot see which "
                              f"linear layers run: {type(exc).__name__}: {exc}", {"record": str(exc)}) from exc
-        return record_candidates(work, rec), "record", {}, list(rec.calls)
+        return _Analysis(record_candidates(work, rec), "record", {}, order=tuple(rec.calls))
     try:
         cap = capture(work, None, None, frontends=("fx",), allow_module_fallback=policy.fallback == "module")
     except TraceError as exc:
@@ -144,8 +156,8 @@ def _analyse(work: nn.Module, args, kwargs, policy: Policy):
             "accepts) so that einfx runs the model once and records its linear layers, or set the policy's "
             "fallback='module' to replace its nn.Linear/Conv1D modules by name.", exc.reasons) from exc
     if cap.is_graph:
-        return detect(cap.module, work), "fx", dict(cap.reasons), cap
-    return detect_modules(work), "module", dict(cap.reasons), None
+        return _Analysis(detect(cap.module, work), "fx", dict(cap.reasons), cap)
+    return _Analysis(detect_modules(work), "module", dict(cap.reasons))
 
 
 def _graph_for(work, args, kwargs, wanted: set[str], frontends, previous=None):
@@ -196,9 +208,9 @@ def optimize_with_report(model: nn.Module, policy, example_inputs=None, verify: 
     if verify and args is None and not kwargs:
         raise PolicyError("verify=True needs example_inputs to compare the outputs with the original")
     work = copy.deepcopy(model)
-    candidates, frontend, failures, seen = _analyse(work, args, kwargs, policy)
-    fx_cap = seen if not isinstance(seen, list) else None
-    order = seen if isinstance(seen, list) else [c.name for c in candidates]
+    seen = _analyse(work, args, kwargs, policy)
+    candidates, frontend, failures, fx_cap = seen.candidates, seen.frontend, seen.failures, seen.fx_capture
+    order = seen.order or tuple(c.name for c in candidates)
     unmatched = policy.unmatched([c.name for c in candidates])
     decisions, outcome = decide(candidates, policy, weight_of=functools.partial(weight_of, work))
     functional = {d.candidate.name for d in decisions if d.accepted and d.candidate.site == "function"}
