@@ -7,6 +7,7 @@ from einfx import errors, export, moe
 from einfx.moe import aux_loss
 from einfx.planning import calibrate
 from einfx.rewriter import Policy, Rule, explain, optimize
+from einfx.rewriter.distill import DistillReport, distill
 from einfx.rewriter.fidelity import Fidelity, fidelity
 from einfx.rewriter.saved import load, save
 from einfx.structures import Cost, EinsumLinear, Structure, Taxonomy, param_groups, taxonomy
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Structure", "EinsumLinear", "Cost", "Taxonomy", "taxonomy", "param_groups",
     "Policy", "Rule", "optimize", "explain", "save", "load", "fidelity", "Fidelity",
+    "distill", "DistillReport",
     "aux_loss", "calibrate",
     "errors", "export", "moe",
 ]

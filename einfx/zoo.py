@@ -7,6 +7,8 @@ Grammar (one spec per model)::
     hf:MODEL_TYPE[?k=v&...]      a transformers config (AutoConfig.for_model) with overrides, random weights
     PATH.safetensors[@ARCH]      a local state dict loaded into the architecture ARCH (one of the above)
     PATH.pt | PATH.pth[@ARCH]    the same, read with torch.load(weights_only=True)
+    FOLDER                       a local Hugging Face model folder (config.json, safetensors weights, tokenizer
+                                 files): its pretrained weights, and its tokenizer when it has one
 
 Nothing is ever downloaded and no remote code is executed: pretrained weights are never requested,
 ``trust_remote_code`` is never set, and pickles are read with ``weights_only=True``.
@@ -33,8 +35,8 @@ class ModelSpec:
     """A parsed model spec.
 
     Attributes:
-        zoo: "torchvision", "timm", "hf" or "file".
-        name: the model name in its zoo, or the weights path for "file".
+        zoo: "torchvision", "timm", "hf", "file" or "folder".
+        name: the model name in its zoo, the weights path for "file", the absolute folder path for "folder".
         overrides: sorted (key, value) pairs passed to the constructor or config.
         arch: for "file", the architecture spec the weights are loaded into.
     """
@@ -49,6 +51,8 @@ class ModelSpec:
         """The spec as text with sorted overrides: equal models give equal strings."""
         if self.zoo == "file":
             return f"{self.name}@{self.arch.canonical}" if self.arch else self.name
+        if self.zoo == "folder":
+            return self.name
         query = "&".join(f"{k}={_format_value(v)}" for k, v in self.overrides)
         return f"{self.zoo}:{self.name}" + (f"?{query}" if query else "")
 
@@ -58,6 +62,8 @@ class ModelSpec:
         if self.zoo == "file":
             base = os.path.basename(self.name)
             text = f"file-{base}" + (f"-{self.arch.slug}" if self.arch else "")
+        elif self.zoo == "folder":
+            text = f"folder-{os.path.basename(self.name.rstrip(os.sep))}"
         else:
             text = f"{self.zoo}-{self.name}" + "".join(f"-{k}={_format_value(v)}" for k, v in self.overrides)
         safe = re.sub(r"[^A-Za-z0-9_.=\-]+", "_", text).strip("._") or "model"
@@ -76,6 +82,8 @@ class BuiltModel:
         module: the torch model (random or loaded weights).
         example_inputs: a tuple of tensors, batch size 1.
         family: "image", "video" or "text".
+        info: facts for the report (input size, vocabulary size, ...).
+        tokenizer: the model's own tokenizer (a local Hugging Face folder that ships one), else ``None``.
     """
 
     spec: ModelSpec
@@ -83,6 +91,7 @@ class BuiltModel:
     example_inputs: tuple
     family: str
     info: dict = field(default_factory=dict)
+    tokenizer: object = None
 
 
 def parse_overrides(query: str, where: str = "") -> tuple[tuple[str, object], ...]:
@@ -114,6 +123,11 @@ def parse_spec(text: str, arch: str | None = None) -> ModelSpec:
     if not raw:
         raise ModelSpecError("empty model spec")
     path, at, arch_text = raw.partition("@")
+    if not at and os.path.isdir(raw):
+        if not os.path.isfile(os.path.join(raw, "config.json")):
+            raise ModelSpecError(f"model spec {raw!r}: the folder has no config.json; a model folder is a Hugging "
+                                 "Face model directory (config.json, safetensors weights, tokenizer files)")
+        return ModelSpec("folder", os.path.abspath(raw))
     if path.lower().endswith(WEIGHT_SUFFIXES) or (at and not _looks_like_zoo_spec(path)):
         return _parse_file_spec(raw, path, arch_text if at else arch)
     zoo, colon, rest = raw.partition(":")
@@ -150,6 +164,8 @@ def build_model(spec: ModelSpec, tokens: int = 128) -> BuiltModel:
         built = build_model(spec.arch, tokens)
         _load_weights(built.module, state, spec.name)
         return BuiltModel(spec, built.module, built.example_inputs, built.family, built.info)
+    if spec.zoo == "folder":
+        return _build_folder(spec, tokens)
     builder = {"torchvision": _build_torchvision, "timm": _build_timm, "hf": _build_hf}[spec.zoo]
     module, inputs, family, info = builder(spec, tokens)
     module.eval()
@@ -249,8 +265,6 @@ def _build_timm(spec: ModelSpec, tokens: int):
 
 
 def _build_hf(spec: ModelSpec, tokens: int):
-    import torch
-    import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     if spec.name not in CONFIG_MAPPING:
@@ -266,25 +280,63 @@ def _build_hf(spec: ModelSpec, tokens: int):
             f" (close matches: {close}); valid keys include: {', '.join(valid[:40])}")
     # A config object only: from_pretrained / trust_remote_code are never used, so nothing is fetched or run.
     config = config_class(**dict(spec.overrides))
-    # Decoder-only LMs keep their LM head; encoders (also listed for causal LM, e.g. bert) use the base model.
-    causal = (type(config) in transformers.MODEL_FOR_CAUSAL_LM_MAPPING
-              and type(config) not in transformers.MODEL_FOR_MASKED_LM_MAPPING)
-    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     try:
-        module = auto.from_config(config, attn_implementation="eager")
+        module = _auto_class(config).from_config(config, attn_implementation="eager")
     except (TypeError, ValueError, AttributeError) as exc:
         raise _bad_args(spec, exc) from exc
+    return (module, *_hf_inputs(spec, config, tokens))
+
+
+def _auto_class(config):
+    """Decoder-only LMs keep their LM head; encoders (also listed for causal LM, e.g. bert) use the base model."""
+    import transformers
+
+    causal = (type(config) in transformers.MODEL_FOR_CAUSAL_LM_MAPPING
+              and type(config) not in transformers.MODEL_FOR_MASKED_LM_MAPPING)
+    return transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+
+
+def _hf_inputs(spec: ModelSpec, config, tokens: int):
+    import torch
+
     image_size = getattr(config, "image_size", None)
     if getattr(config, "vocab_size", None) is None and isinstance(image_size, int):
         channels = getattr(config, "num_channels", 3)
         size = (channels, image_size, image_size)
-        return module, _image_inputs(size), "image", {"input_size": list(size)}
+        return _image_inputs(size), "image", {"input_size": list(size)}
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if limit is not None and tokens > limit:
         raise ModelSpecError(f"model spec {spec.canonical!r}: --tokens {tokens} exceeds the model's "
                              f"{limit} positions")
     ids = torch.randint(0, config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
-    return module, (ids,), "text", {"input_size": [tokens], "vocab_size": config.vocab_size}
+    return (ids,), "text", {"input_size": [tokens], "vocab_size": config.vocab_size}
+
+
+def _build_folder(spec: ModelSpec, tokens: int) -> BuiltModel:
+    """A local Hugging Face folder: its config, its pretrained weights, its tokenizer when it ships one (local files
+    only: nothing is fetched, no remote code runs)."""
+    import transformers
+
+    folder = spec.name
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        module = _auto_class(config).from_pretrained(folder, local_files_only=True, trust_remote_code=False,
+                                                     attn_implementation="eager")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelSpecError(f"model folder {folder!r} cannot be loaded as a Hugging Face model: "
+                             f"{type(exc).__name__}: {exc}") from exc
+    tokenizer = None
+    if any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True,
+                                                                   trust_remote_code=False)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ModelSpecError(f"model folder {folder!r}: its tokenizer files cannot be read: "
+                                 f"{type(exc).__name__}: {exc}") from exc
+    module.eval()
+    inputs, family, info = _hf_inputs(spec, config, tokens)
+    info = {**info, "model_type": config.model_type, "tokenizer": type(tokenizer).__name__ if tokenizer else None}
+    return BuiltModel(spec, module, inputs, family, info, tokenizer)
 
 
 # --- weights -----------------------------------------------------------------------------------------------

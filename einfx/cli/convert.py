@@ -65,6 +65,7 @@ class RunOptions:
     dtype: str = "float32"
     tokens: int = 128
     resume: bool = False
+    data: str | None = None
 
 
 @dataclass(frozen=True)
@@ -147,8 +148,11 @@ def select_tasks(tasks: list[Task], shard: tuple[int, int] | None = None) -> lis
 
 def fingerprint(task: Task, options: RunOptions) -> dict:
     """The options an output was made with; --resume reuses an output only when they are equal."""
-    return {"spec": task.key, "policy_sha256": _sha256_or_none(task.policy), "dtype": options.dtype,
-            "tokens": options.tokens}
+    marks = {"spec": task.key, "policy_sha256": _sha256_or_none(task.policy), "dtype": options.dtype,
+             "tokens": options.tokens}
+    if options.data is not None:
+        marks["data_sha256"] = _sha256_or_none(options.data)
+    return marks
 
 
 def _sha256_or_none(path: str) -> str | None:
@@ -172,8 +176,9 @@ def run_one(task: Task, options: RunOptions, convert_fn: Converter | None = None
     Args:
         task: the model.
         options: run options.
-        convert_fn: ``(spec, policy_path, staging_dir, dtype, tokens) -> report dict`` that writes
-            ``staging_dir/model.onnx``; defaults to `einfx.cli.pipeline.convert_one`.
+        convert_fn: ``(spec, policy_path, staging_dir, dtype, tokens[, data=path]) -> report dict`` that writes
+            ``staging_dir/model.onnx`` (``data`` is passed with ``--data`` only); defaults to
+            `einfx.cli.pipeline.convert_one`.
     """
     start = time.perf_counter()
     done = _settled(task, options)
@@ -186,7 +191,8 @@ def run_one(task: Task, options: RunOptions, convert_fn: Converter | None = None
     marks = fingerprint(task, options)
     staging = outputs.staging_dir(options.out_dir, slug)
     try:
-        report = convert_fn(task.spec, task.policy, staging, options.dtype, options.tokens)
+        extra = {"data": options.data} if options.data is not None else {}
+        report = convert_fn(task.spec, task.policy, staging, options.dtype, options.tokens, **extra)
         full = outputs.finalize_report(staging, report, task.key, slug, marks, time.perf_counter() - start)
         outputs.publish(staging, final)
         return ModelResult.from_report(full, "ok", time.perf_counter() - start)
@@ -249,7 +255,7 @@ def run_batch(tasks: list[Task], options: RunOptions, convert_fn: Converter | No
     finally:
         reporter.close()
     meta = {"out_dir": options.out_dir, "dtype": options.dtype, "tokens": options.tokens, "resume": options.resume,
-            "jobs": jobs, "shard": list(shard) if shard else None}
+            "data": options.data, "jobs": jobs, "shard": list(shard) if shard else None}
     paths = outputs.write_summary(options.out_dir, results, meta, shard)
     return BatchResult(tuple(results), paths)
 

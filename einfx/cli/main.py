@@ -15,7 +15,8 @@ from einfx.errors import EinfxError
 __all__ = ["main", "build_parser"]
 
 _MODEL_HELP = ("torchvision:NAME, timm:NAME, hf:MODEL_TYPE[?key=value&...] (a config with random weights, never a "
-               "download), or a weights file PATH.safetensors|.pt|.pth[@ARCH_SPEC]")
+               "download), a weights file PATH.safetensors|.pt|.pth[@ARCH_SPEC], or a local Hugging Face model "
+               "folder (config.json, safetensors weights, tokenizer files)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +54,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", required=True, metavar="FILE", help="policy file (YAML or TOML)")
     parser.add_argument("--arch", metavar="SPEC", help="architecture of weights files given without @SPEC")
     parser.add_argument("--tokens", type=int, default=128, metavar="N", help="sequence length of text models")
+    parser.add_argument("--data", metavar="FILE", help="calibration inputs: text lines (tokenized with the model's own "
+                        "tokenizer when it has one) or a .safetensors file of input tensors; the layers are fitted "
+                        "to them and the report gives the fidelity to the original on them")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -86,7 +90,8 @@ def _run_explain(args: argparse.Namespace) -> int:
     failed = 0
     for text in args.models:
         try:
-            report = explain_fn(parse_spec(text, arch=args.arch), args.policy, args.tokens)
+            extra = {"data": args.data} if args.data is not None else {}
+            report = explain_fn(parse_spec(text, arch=args.arch), args.policy, args.tokens, **extra)
         except Exception as exc:  # report the model's failure and go on with the next one
             failed += 1
             print(f"einfx explain: {text}: {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -107,13 +112,15 @@ def _run_convert(args: argparse.Namespace) -> int:
         shard = parse_shard(args.shard) if args.shard else None
         check_options(args.dtype, args.tokens, args.jobs)
         _check_policy_file(args.policy)
+        if args.data is not None and not os.path.isfile(args.data):
+            raise EinfxError(f"--data {args.data!r}: no such file")
         tasks = collect_tasks(args.models, args.policy, list_file=args.list, arch=args.arch)
         if not tasks:
             raise EinfxError("no models given: pass MODEL arguments or --list FILE")
     except (EinfxError, ValueError) as exc:
         return _usage_error("convert", exc)
     selected = select_tasks(tasks, shard)
-    options = RunOptions(out_dir=args.out, dtype=args.dtype, tokens=args.tokens, resume=args.resume)
+    options = RunOptions(out_dir=args.out, dtype=args.dtype, tokens=args.tokens, resume=args.resume, data=args.data)
     batch = run_batch(selected, options, convert_fn=args.convert_fn, jobs=args.jobs, shard=shard)
     counts = {s: sum(r.status == s for r in batch.results) for s in ("ok", "skipped", "failed")}
     where = f" (shard {shard[0]}/{shard[1]}: {len(selected)} of {len({t.key for t in tasks})} models)" if shard else ""

@@ -49,6 +49,8 @@ class ModelResult:
         params_before, params_after: parameter counts of the original and converted model.
         flops_before, flops_after: FLOPs of one forward pass on the example inputs.
         max_rel_error: ONNX-vs-torch parity of the exported model.
+        cosine: fidelity of the converted model to the original (mean cosine of the main output on the --data
+            batches), ``None`` when not measured.
     """
 
     spec: str
@@ -61,6 +63,7 @@ class ModelResult:
     flops_before: int | None = None
     flops_after: int | None = None
     max_rel_error: float | None = None
+    cosine: float | None = None
 
     @property
     def params_saving(self) -> float | None:
@@ -79,11 +82,13 @@ class ModelResult:
     def from_report(cls, report: dict, status: str, seconds: float) -> "ModelResult":
         """A successful result from a model's report.json content."""
         export = report.get("export") or {}
+        fid = report.get("fidelity")
         return cls(
             spec=report["spec"], slug=report["slug"], status=status, seconds=seconds,
             params_before=report["params"]["before"], params_after=report["params"]["after"],
             flops_before=report["flops"]["before"], flops_after=report["flops"]["after"],
             max_rel_error=export.get("max_rel_error"),
+            cosine=fid.get("cosine") if isinstance(fid, dict) else None,
         )
 
 
@@ -326,19 +331,25 @@ def summary_markdown(results: list[ModelResult], counts: dict) -> str:
         "# einfx convert summary", "",
         f"{counts['ok']} converted, {counts['skipped']} already complete (skipped), {counts['failed']} failed.", "",
         "| model | status | params before → after | params saved | FLOPs before → after | FLOPs saved "
-        "| ONNX max rel. error | seconds |",
-        "|---|---|---|---|---|---|---|---|",
+        "| ONNX max rel. error | fidelity to the original (cosine) | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         parity = "–" if r.max_rel_error is None else f"{r.max_rel_error:.2e}"
+        fid = "–" if r.status == "failed" else _fidelity(r.cosine)
         lines.append(
             f"| `{r.spec}` | {r.status} | {_num(r.params_before)} → {_num(r.params_after)} | {_pct(r.params_saving)} "
-            f"| {_num(r.flops_before)} → {_num(r.flops_after)} | {_pct(r.flops_saving)} | {parity} | {r.seconds:.1f} |")
+            f"| {_num(r.flops_before)} → {_num(r.flops_after)} | {_pct(r.flops_saving)} | {parity} | {fid} "
+            f"| {r.seconds:.1f} |")
     failed = [r for r in results if r.status == "failed"]
     if failed:
         lines += ["", "## Failures", ""]
         lines += [f"- `{r.spec}`: {r.error}" for r in failed]
     return "\n".join(lines) + "\n"
+
+
+def _fidelity(cosine: float | None) -> str:
+    return "not measured (no --data)" if cosine is None else f"{cosine:.4f}"
 
 
 def _label(spec: str, width: int = 48) -> str:
@@ -360,7 +371,7 @@ def write_chart(path: str, results: list[ModelResult]) -> None:
         height = 0.4
         ax.barh([y - height / 2 for y in ys], [100 * (r.params_saving or 0.0) for r in done], height, label="params")
         ax.barh([y + height / 2 for y in ys], [100 * (r.flops_saving or 0.0) for r in done], height, label="FLOPs")
-        ax.set_yticks(list(ys), [_label(r.spec) for r in done], fontsize=8)
+        ax.set_yticks(list(ys), [f"{_label(r.spec)}\nfidelity: {_fidelity(r.cosine)}" for r in done], fontsize=8)
         ax.invert_yaxis()
         ax.axvline(0, color="black", linewidth=0.8)
         ax.legend(loc="lower right", fontsize=8)

@@ -16,7 +16,9 @@ import warnings
 import torch
 from torch import nn
 
+from einfx.cli.data import read_data
 from einfx.cli.outputs import ONNX_NAME
+from einfx.rewriter.report import NOT_MEASURED
 from einfx.errors import UnmatchedPatternWarning
 from einfx.zoo import ModelSpec, build_model
 from einfx.errors import EinfxError
@@ -91,14 +93,17 @@ def _jsonable(report) -> object:
     return [dict(row) if isinstance(row, dict) else str(row) for row in getattr(report, "rows", [])]
 
 
-def explain_one(spec: ModelSpec, policy: str, tokens: int = 128):
-    """Build the model of ``spec`` and return ``einfx.explain`` for it under the policy file ``policy``."""
+def explain_one(spec: ModelSpec, policy: str, tokens: int = 128, data: str | None = None):
+    """Build the model of ``spec`` and return ``einfx.explain`` for it under the policy file ``policy`` (with
+    the calibration batches of the file ``data``, see `einfx.cli.data`)."""
     policy_obj = load_policy(policy)
     built = build_model(spec, tokens)
-    return _api("explain")(built.module, policy_obj, example_inputs=built.example_inputs)
+    batches = read_data(data, built, tokens) if data is not None else None
+    return _api("explain")(built.module, policy_obj, example_inputs=built.example_inputs, data=batches)
 
 
-def convert_one(spec: ModelSpec, policy: str, out_dir: str, dtype: str = "float32", tokens: int = 128) -> dict:
+def convert_one(spec: ModelSpec, policy: str, out_dir: str, dtype: str = "float32", tokens: int = 128,
+                data: str | None = None) -> dict:
     """Convert one model: build, optimize (with its explain report), export ``out_dir/model.onnx``, verify it.
 
     Args:
@@ -107,32 +112,40 @@ def convert_one(spec: ModelSpec, policy: str, out_dir: str, dtype: str = "float3
         out_dir: an existing (staging) directory; model.onnx is written there.
         dtype: ONNX dtype, "float32" or "float16".
         tokens: sequence length of text models.
+        data: a file of calibration inputs (`einfx.cli.data`): the layers are fitted to them and the report
+            carries the fidelity of the converted model to the original on them.
 
     Returns:
         The report: ``model`` (family, inputs), ``explain`` (rows), ``params`` / ``flops`` (before, after),
         ``export`` (max_rel_error, op_counts, dtype, deploy passes) and ``latency_ms`` (median torch
         latency before/after in float32 on CPU; onnxruntime latency measured by ``to_onnx`` on its
-        verification device). Errors propagate (EinfxError subclasses name the failing step).
+        verification device), ``fidelity`` (`einfx.fidelity` against the original on the ``data`` batches, or
+        the sentence saying it was not measured) and ``data``. Errors propagate (EinfxError subclasses name the
+        failing step).
     """
     policy_obj = load_policy(policy)
     built = build_model(spec, tokens)
     model, inputs = built.module, built.example_inputs
+    batches = read_data(data, built, tokens) if data is not None else None
     params_before, flops_before = count_params(model), count_flops(model, inputs)
     latency_before = _torch_latency_ms(model, inputs)
     with warnings.catch_warnings():  # one policy serves many models: unmatched patterns go to the report only
         warnings.simplefilter("ignore", UnmatchedPatternWarning)
-        optimized = _api("optimize")(model, policy_obj, example_inputs=inputs)  # keeps the model's eval mode
+        optimized = _api("optimize")(model, policy_obj, example_inputs=inputs, data=batches)  # keeps eval mode
     # optimize() attaches the same report explain() returns; explain only when it does not (one capture less).
     report = getattr(optimized, "einfx_report", None)
     if report is None:
-        report = _api("explain")(model, policy_obj, example_inputs=inputs)
+        report = _api("explain")(model, policy_obj, example_inputs=inputs, data=batches)
     params_after, flops_after = count_params(optimized), count_flops(optimized, inputs)
     latency_after = _torch_latency_ms(optimized, inputs)
     # to_onnx flattens dict/tuple outputs (Hugging Face ModelOutput) and applies the deploy passes itself.
     exported = _api("export.to_onnx")(optimized, inputs, os.path.join(out_dir, ONNX_NAME), dtype=dtype,
                                       verify=True)
+    fid = getattr(report, "fidelity", None)
     return {
         "model": {"family": built.family, **built.info, "example_inputs": [list(t.shape) for t in inputs]},
+        "fidelity": dict(fid) if fid is not None else NOT_MEASURED,
+        "data": batches.describe() if batches is not None else None,
         "explain": _jsonable(report),
         "params": {"before": params_before, "after": params_after},
         "flops": {"before": flops_before, "after": flops_after, "per": "forward pass on the example inputs"},

@@ -108,7 +108,7 @@ def fit_on_data(model: nn.Module, decisions: Sequence[Decision], init: str, data
 
     With ``reference`` (the original model, same module names), each layer is fitted to reproduce the
     original layer's output on the original's inputs from the inputs the structured model gives it:
-    min Σ‖Ŵ x̃ − W x‖², that is the projection of W' = W Kᵀ C̃⁻¹ under C̃, so upstream errors are corrected
+    min Σ‖Ŵ x̃ − W x‖², that is the projection of W' = W Kᵀ C̃⁻¹ (ridge-regularized towards W) under C̃, so upstream errors are corrected
     rather than carried along. Without it, min Σ‖(W − Ŵ) x̃‖².
 
     Returns the built layers by name and, for the data-aware ones, how each was fitted.
@@ -163,10 +163,14 @@ def _fit(model, d: Decision, cov: torch.Tensor, cross: torch.Tensor | None) -> E
     # dampening (GPTQ's 1% of the mean diagonal): with fewer calibration rows than input features the covariance
     # is singular, and fitting exactly inside the calibration subspace does not carry to other inputs
     eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
-    cov = cov + DAMPENING * float(torch.diagonal(cov).mean() or 1.0) * eye
+    ridge = DAMPENING * float(torch.diagonal(cov).mean() or 1.0)
+    cov = cov + ridge * eye
     target = w
-    if cross is not None:  # W' = W Kᵀ C̃⁻¹: the dense map from the structured model's inputs to the original outputs
-        target = torch.linalg.solve(cov, cross @ w.double().T).T.to(w.dtype)
+    if cross is not None:
+        # W' = (W Kᵀ + λW)(C̃ + λI)⁻¹: the dense map from the structured model's inputs to the original outputs,
+        # a ridge regression pulled towards W (not 0), so that W' = W exactly when the inputs are unchanged
+        wt = w.double().T
+        target = torch.linalg.solve(cov, cross @ wt + ridge * wt).T.to(w.dtype)
     p = project_on_data(target, cov.to(w.device), d.structure, layer.sizes, name=cand.name)
     for key, core in p.cores.items():
         getattr(layer, key).copy_(core)

@@ -13,7 +13,7 @@ import copy
 import functools
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -33,6 +33,7 @@ from einfx.rewriter.fidelity import fidelity
 from einfx.rewriter.fit import fit_on_data
 from einfx.rewriter.policy import format_unmatched
 from einfx.rewriter.record import record, record_candidates
+from einfx.rewriter.search import describe as describe_search, search
 from einfx.rewriter.saved import is_hf_model, manifest
 from einfx.rewriter.trace import FRONTENDS, capture
 from einfx.structures.sizes import Sizes
@@ -101,6 +102,10 @@ def _row(d: Decision, layer, fold_allowed: bool = True, note: str | None = None)
         return Row(c.name, c.kind, c.shape, c.d_in, c.d_out, "kept", d.reason, None, None, p0, p0, f0, f0)
     z = layer.sizes
     reason = f"{d.reason}; {note}" if note else d.reason
+    f1 = int(option_cost(z, "flops"))
+    if f1 > f0:
+        reason += (f"; costs {f1 / f0:.2f}x the dense layer's FLOPs per token: this structure is more expensive "
+                   "than the layer it replaces (a budget with data= searches for cheaper ones)")
     row = Row(c.name, c.kind, c.shape, c.d_in, c.d_out, "structured", reason, d.structure.name, z.describe(), p0,
               int(option_cost(z, "params")), f0, int(option_cost(z, "flops")), layer.projection_error)
     return row.with_extra(**_inference_columns(layer, fold_allowed))
@@ -212,8 +217,16 @@ def optimize_with_report(model: nn.Module, policy, example_inputs=None, verify: 
     candidates, frontend, failures, fx_cap = seen.candidates, seen.frontend, seen.failures, seen.fx_capture
     order = seen.order or tuple(c.name for c in candidates)
     unmatched = policy.unmatched([c.name for c in candidates])
-    decisions, outcome = decide(candidates, policy, weight_of=functools.partial(weight_of, work))
+    # with data, a budget is met by the search over θ (module sites); otherwise by the rank planner of decide
+    searching = data is not None and policy.budget is not None and policy.init == "project"
+    decisions, outcome = decide(candidates, replace(policy, budget=None) if searching else policy,
+                                weight_of=functools.partial(weight_of, work))
     functional = {d.candidate.name for d in decisions if d.accepted and d.candidate.site == "function"}
+    searched: dict = {}
+    if searching and functional:
+        searching = False  # the graph path plans ranks on the graph's own candidates below
+    elif searching:
+        decisions, outcome, searched = search(work, decisions, policy, data)
     cap = None
     notes: dict[str, str] = {}
     if functional:
@@ -250,16 +263,28 @@ def optimize_with_report(model: nn.Module, policy, example_inputs=None, verify: 
         if is_hf_model(module):
             # the manifest rides in the config, so the model's own save_pretrained writes a loadable folder
             module.config.einfx = manifest(module)
-    rows = tuple(_row(d, layers.get(d.candidate.name), policy.fold_to_dense, notes.get(d.candidate.name))
+    rows = tuple(_search_columns(_row(d, layers.get(d.candidate.name), policy.fold_to_dense,
+                                      notes.get(d.candidate.name)), searched.get(d.candidate.name), outcome)
                  for d in decisions)
     module.einfx_fold_to_dense = policy.fold_to_dense
     error = output_error(model, module, args, kwargs) if verify else None
     fid = fidelity(model, module, data).to_dict() if data is not None else None
-    report = Report(rows, frontend, failures, type(model).__name__,
-                    outcome.to_dict() if outcome is not None else None, error, unmatched, fid)
+    budget = outcome.to_dict() if outcome is not None else None
+    if searched:
+        budget["search"] = describe_search(searched)
+    report = Report(rows, frontend, failures, type(model).__name__, budget, error, unmatched, fid)
     if unmatched:
         warnings.warn(UnmatchedPatternWarning(format_unmatched(unmatched)), stacklevel=3)
     return module, report
+
+
+def _search_columns(row: Row, searched, outcome) -> Row:
+    """The search's columns of a searched layer: the chosen option's measured error and budget share."""
+    if searched is None:
+        return row
+    c = searched.chosen
+    return row.with_extra(**{"search err": round(c.error, 4),
+                             "budget share": round(c.cost / (outcome.target * outcome.dense_cost), 4)})
 
 
 def _not_in_graph(d: Decision, frontend: str) -> Decision:

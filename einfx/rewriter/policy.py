@@ -32,7 +32,8 @@ __all__ = ["Policy", "Rule", "Budget", "Selection", "INITS", "BUDGET_METRICS", "
 INITS = ("project", "random")
 BUDGET_METRICS = ("flops", "params")
 FALLBACKS = ("none", "module")
-_POLICY_KEYS = ("default", "rules", "exclude", "min_features", "init", "budget", "fallback", "fold_to_dense")
+_POLICY_KEYS = ("default", "rules", "exclude", "min_features", "init", "budget", "fallback", "fold_to_dense",
+                "candidates")
 _RULE_KEYS = ("pattern", "structure", "module_type")
 _GLOB_CHARS = set("*?[")
 
@@ -42,6 +43,23 @@ def _structure(value: Any, where: str) -> Structure:
         return Structure.from_dict(value)
     except EinfxError as exc:
         raise PolicyError(f"{where}: {exc}") from exc
+
+
+def _candidates(value: Any) -> tuple:
+    """The search candidates as given (names, mappings or Structures), each checked to be a structure."""
+    if isinstance(value, (str, Mapping, Structure)):
+        value = (value,)
+    try:
+        items = tuple(value or ())
+    except TypeError:
+        raise PolicyError(f"policy candidates must be a list of structures, got {value!r}") from None
+    for i, item in enumerate(items):
+        s = _structure(item, f"candidate #{i}")
+        if s.kind in ("dense", "btt_moe"):
+            raise PolicyError(f"candidate #{i} {s.name!r}: dense is always a search candidate and btt_moe is not "
+                              "fitted to pretrained weights; valid: low_rank, btt, monarch, tensor_train, kronecker, "
+                              "theta")
+    return items
 
 
 def _is_exact(pattern: str) -> bool:
@@ -179,6 +197,11 @@ class Policy:
             ``"none"`` raises `TraceError` instead.
         fold_to_dense: for inference (ONNX export), a structured layer whose best plan the cost model predicts
             slower than dense becomes an exact dense layer; ``False`` forbids that.
+        candidates: what the search (a ``budget`` with ``data=`` and ``init="project"``) may choose per layer
+            besides keeping it dense: family names ("btt", or a mapping without a rank) are tried at several
+            ranks, a `Structure` or a spec with a rank exactly as given; empty: low_rank, btt, monarch,
+            tensor_train and kronecker. The structure a layer's rule or ``default`` gives is the search's
+            starting point and one more candidate, not a restriction.
     """
 
     default: Any = None
@@ -189,6 +212,7 @@ class Policy:
     budget: Any = None
     fallback: str = "none"
     fold_to_dense: bool = True
+    candidates: Sequence[Any] = ()
 
     def __post_init__(self):
         if self.default is not None:
@@ -221,6 +245,7 @@ class Policy:
         if not isinstance(self.fold_to_dense, bool):
             raise PolicyError(f"fold_to_dense must be true or false, got {self.fold_to_dense!r}")
         object.__setattr__(self, "budget", Budget.from_value(self.budget))
+        object.__setattr__(self, "candidates", _candidates(self.candidates))
 
     # -- construction ---------------------------------------------------------------------------------
     @classmethod
@@ -276,6 +301,7 @@ class Policy:
             "budget": self.budget.to_dict() if self.budget is not None else None,
             "fallback": self.fallback,
             "fold_to_dense": self.fold_to_dense,
+            "candidates": [c.to_dict() if isinstance(c, Structure) else c for c in self.candidates],
         }
 
     # -- feedback -------------------------------------------------------------------------------------

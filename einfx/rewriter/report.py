@@ -71,7 +71,8 @@ class Report:
         frontend: the tracing front end that captured the model ("fx", "hf_fx", "export") or "module".
         trace_failures: front end -> why it failed, for the front ends tried before ``frontend``.
         model: the model's class name.
-        budget: the budget planner's outcome (metric, target, achieved), or ``None``.
+        budget: the budget planner's outcome (metric, target, achieved; with data, ``search``: the layers,
+            families and options the search over θ weighed and its predicted output error), or ``None``.
         verify_error: largest relative Frobenius error of the outputs against the original, when verified.
         unmatched: policy patterns (``"rule 'x'"``, ``"exclude 'y'"``) that matched no layer -> the closest
             layer names.
@@ -132,6 +133,11 @@ class Report:
         if self.budget is not None:
             b = self.budget
             lines.append(f"  budget: {b['metric']} target {b['target']:.4g} of dense, achieved {b['achieved']:.4g}")
+            found = b.get("search")
+            if found:
+                lines.append(f"  search over θ: {found['options']:,} options ({', '.join(found['families'])}) in "
+                             f"{found['searched_layers']} layers, measured on the data; predicted relative output "
+                             f"error {found['predicted_rel_error']:.3g}")
         if self.verify_error is not None:
             lines.append(f"  verify: max relative output error {self.verify_error:.3g}")
         f = self.fidelity

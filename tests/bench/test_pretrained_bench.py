@@ -41,3 +41,29 @@ def test_data_aware_projection_beats_weight_only_on_minilm():
     assert rep.fidelity["examples"] == 64 and 0 < rep.fidelity["cosine"] <= 1
     with torch.no_grad():  # the calibration fidelity the report gives is what einfx.fidelity measures
         assert einfx.fidelity(model, fitted, calib).cosine == pytest.approx(rep.fidelity["cosine"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_search_under_a_budget_beats_the_rank_planner_on_minilm():
+    from transformers import AutoTokenizer, BertModel
+
+    import einfx
+    from einfx import Policy, Structure
+    from pretrained import batches, embed, model_folder
+    from _text import package_sentences, stdlib_sentences
+
+    folder = model_folder()
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = BertModel.from_pretrained(folder, local_files_only=True).eval()
+    calib = batches(tokenizer, stdlib_sentences(32), size=32)
+    test = batches(tokenizer, package_sentences(64), size=32)
+    ref = embed(model, test)
+    policy = Policy(default=Structure.low_rank(), budget=0.5, candidates=["low_rank"])
+    planned = einfx.optimize(model, policy, example_kwargs=calib[0])      # no data: weight-space rank planner
+    searched = einfx.optimize(model, policy, data=calib)
+    budget = searched.einfx_report.budget
+    assert 0.49 <= budget["achieved"] <= 0.5 and budget["search"]["searched_layers"] == 37
+    assert all(r.flops_after <= r.flops_before for r in searched.einfx_report.rows)
+    cos_planned = float((embed(planned, test) * ref).sum(-1).mean())
+    cos_searched = float((embed(searched, test) * ref).sum(-1).mean())
+    assert cos_searched > cos_planned + 0.1, (cos_planned, cos_searched)

@@ -123,7 +123,8 @@ def test_savings_and_summary_files(tmp_path):
     assert data["models"][0]["params_saving"] == 0.75 and data["models"][1]["flops_saving"] == 0.75
     md = (tmp_path / "summary.shard-2-of-3.md").read_text()
     assert "1 converted, 1 already complete (skipped), 1 failed." in md
-    assert "| `torchvision:resnet18` | ok | 1.00k → 250 | 75.0 % | 4.00k → 3.00k | 25.0 % | 1.00e-06 | 2.0 |" in md
+    assert ("| `torchvision:resnet18` | ok | 1.00k → 250 | 75.0 % | 4.00k → 3.00k | 25.0 % | 1.00e-06 "
+            "| not measured (no --data) | 2.0 |") in md
     assert "- `zoo9:x`: ModelSpecError: unknown zoo 'zoo9'" in md
     assert (tmp_path / "summary.shard-2-of-3.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert outputs.summary_paths(str(tmp_path))["json"] == str(tmp_path / "summary.json")
