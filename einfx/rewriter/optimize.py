@@ -223,8 +223,12 @@ def optimize_with_report(model: nn.Module, policy, example_inputs=None, verify: 
                                 weight_of=functools.partial(weight_of, work))
     functional = {d.candidate.name for d in decisions if d.accepted and d.candidate.site == "function"}
     searched: dict = {}
+    skipped_search = None
     if searching and functional:
-        searching = False  # the graph path plans ranks on the graph's own candidates below
+        # the search fits module sites; a model with functional sites keeps the rank planner (graph path below)
+        decisions, outcome = decide(candidates, policy, weight_of=functools.partial(weight_of, work))
+        skipped_search = (f"not run: {len(functional)} functional site(s) are rewritten in a captured graph, where "
+                          "the rank planner meets the budget on weight-space errors")
     elif searching:
         decisions, outcome, searched = search(work, decisions, policy, data)
     cap = None
@@ -272,6 +276,8 @@ def optimize_with_report(model: nn.Module, policy, example_inputs=None, verify: 
     budget = outcome.to_dict() if outcome is not None else None
     if searched:
         budget["search"] = describe_search(searched)
+    elif skipped_search and budget is not None:
+        budget["search"] = skipped_search
     report = Report(rows, frontend, failures, type(model).__name__, budget, error, unmatched, fid)
     if unmatched:
         warnings.warn(UnmatchedPatternWarning(format_unmatched(unmatched)), stacklevel=3)

@@ -134,7 +134,9 @@ class Report:
             b = self.budget
             lines.append(f"  budget: {b['metric']} target {b['target']:.4g} of dense, achieved {b['achieved']:.4g}")
             found = b.get("search")
-            if found:
+            if isinstance(found, str):
+                lines.append(f"  search over θ: {found}")
+            elif found:
                 lines.append(f"  search over θ: {found['options']:,} options ({', '.join(found['families'])}) in "
                              f"{found['searched_layers']} layers, measured on the data; predicted relative output "
                              f"error {found['predicted_rel_error']:.3g}")

@@ -143,3 +143,24 @@ def test_unreachable_budget_names_the_smallest_fraction():
     model, data = _model(), _data()
     with pytest.raises(PolicyError, match="out of reach: the cheapest options already cost"):
         einfx.optimize(model, Policy(default=Structure.low_rank(), candidates=["low_rank"], budget=0.001), data=data)
+
+
+class Functional(nn.Module):
+    """One nn.Linear and one weight applied with F.linear in forward code (a functional site)."""
+
+    def __init__(self, d: int = 64):
+        super().__init__()
+        self.a = nn.Linear(d, d)
+        self.w = nn.Parameter(torch.randn(d, d) / d ** 0.5)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(torch.relu(self.a(x)), self.w)
+
+
+def test_functional_sites_keep_the_rank_planner_and_say_so():
+    torch.manual_seed(0)
+    model, data = Functional().eval(), _data()
+    report = einfx.explain(model, Policy(default=Structure.low_rank(), budget=0.5), data=data)
+    assert report.budget["search"].startswith("not run: 1 functional site(s)")
+    assert report.budget["achieved"] <= 0.5 and len(report.structured) == 2
+    assert "search over θ: not run" in report.summary()
