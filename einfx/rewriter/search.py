@@ -28,7 +28,7 @@ from einfx.errors import EinfxError, PolicyError
 from einfx.rewriter.budget import LayerOptions, Option, option_cost, plan_budget
 from einfx.rewriter.decide import BudgetOutcome, Decision
 from einfx.rewriter.fidelity import batch_mask, call
-from einfx.rewriter.fit import DAMPENING, _Inputs, data_aware
+from einfx.rewriter.fit import DAMPENING, _statistics, data_aware
 from einfx.rewriter.substitute import weight_of
 from einfx.structures.calibrated import _fold as fold_cores, project_on_data
 from einfx.structures.sizes import Sizes
@@ -232,21 +232,11 @@ def _sensitivity(model, name: str, delta: torch.Tensor, error: float, batches, r
 
 
 def _covariances(model: nn.Module, names: list[str], data) -> dict[str, torch.Tensor]:
-    taps = _Inputs({n: model.get_submodule(n) for n in names})
-    sums: dict[str, Any] = {n: 0.0 for n in names}
-    rows = dict.fromkeys(names, 0)
-    try:
-        for batch in data:
-            for n, x in taps.run(model, batch, stop=False).items():
-                sums[n] = sums[n] + x.T @ x
-                rows[n] += x.shape[0]
-    finally:
-        taps.close()
+    """Each layer's dampened input covariance on ``model`` (the same statistics and ridge as the fit)."""
     out = {}
-    for n in names:
-        c = sums[n] / max(rows[n], 1)
-        eye = torch.eye(c.shape[0], dtype=c.dtype)
-        out[n] = c + DAMPENING * float(torch.diagonal(c).mean() or 1.0) * eye
+    for n, (gram, _, rows) in _statistics(model, None, names, data).items():
+        c = gram / max(rows, 1)
+        out[n] = c + DAMPENING * float(torch.diagonal(c).mean() or 1.0) * torch.eye(c.shape[0], dtype=c.dtype)
     return out
 
 

