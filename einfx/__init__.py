@@ -10,7 +10,8 @@ from einfx.rewriter import Policy, Rule, explain, optimize
 from einfx.rewriter.distill import DistillReport, distill
 from einfx.rewriter.fidelity import Fidelity, fidelity
 from einfx.rewriter.saved import load, save
-from einfx.structures import Cost, EinsumLinear, Structure, Taxonomy, param_groups, taxonomy
+from einfx.layers import Cost, EinsumLinear, param_groups
+from einfx.structures import Structure, Taxonomy, taxonomy
 
 __version__ = "0.1.0"
 

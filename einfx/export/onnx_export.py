@@ -39,6 +39,10 @@ from einfx.export.ops import check_onnx, load_graph
 from einfx.export.session import resolve_device, session
 from einfx.export.view import ExportView
 from einfx.export.verify import TOLERANCES, ParityCheck, input_variants, reference_outputs, rel_error
+from einfx.passes.base import run_passes
+from einfx.passes.fold import fold_modules, fold_to_dense
+from einfx.passes.lower import lower, lowerable
+from einfx.planning.profile import load_profile
 
 __all__ = ["to_onnx", "ExportReport", "cast_inputs", "DTYPES", "EXTERNAL_DATA_THRESHOLD", "apply_deploy_passes"]
 
@@ -130,11 +134,6 @@ def apply_deploy_passes(module: torch.nn.Module, device: str = "cpu") -> tuple[t
     (the user's own class) by the layer's forward, which a capturing export runs with the same plan.
     Returns the module and the names of the passes applied.
     """
-    from einfx.passes.base import run_passes
-    from einfx.passes.fold import fold_modules, fold_to_dense
-    from einfx.passes.lower import lower, lowerable
-    from einfx.planning.profile import load_profile
-
     profile = load_profile(device, fallback=True).with_backend("onnxruntime")
     # a policy with fold_to_dense=False (recorded on the module by einfx.optimize) keeps every layer structured
     keep = () if getattr(module, "einfx_fold_to_dense", True) else ("*",)

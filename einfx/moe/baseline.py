@@ -22,7 +22,7 @@ from einfx.errors import PlanError, ShapeError, StructureError
 from einfx.moe.aux import AuxLossState
 from einfx.moe.routing import load_balancing_loss, route
 from einfx.structures.init import spectral_std
-from einfx.structures.layer import Cost
+from einfx.layers.linear import Cost
 
 __all__ = ["MoEFeedForward", "FFN_PATHS", "ACTIVATIONS"]
 

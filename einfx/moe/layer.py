@@ -30,7 +30,7 @@ from einfx.planning.planner import dtype_name, plan_layer
 from einfx.planning.profile import default_profile
 from einfx.structures import functional as Fn
 from einfx.structures.init import init_cores_, lr_multipliers
-from einfx.structures.layer import INITS, Cost, EinsumLinear, check_weight
+from einfx.layers.linear import INITS, Cost, EinsumLinear, check_weight
 
 __all__ = ["BTTMoELinear", "PATH_CHOICES"]
 
@@ -95,7 +95,7 @@ def _grouped(x2: torch.Tensor, A: torch.Tensor, B: torch.Tensor, idx: torch.Tens
     return y
 
 
-class BTTMoELinear(AuxLossState, EinsumLinear):
+class BTTMoELinear(AuxLossState, EinsumLinear, kind="btt_moe"):
     """BTT-MoE linear layer (SPEC §5); build it as ``EinsumLinear(d_in, d_out, Structure.btt_moe(E, k))``.
 
     Attributes:

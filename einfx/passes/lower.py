@@ -19,8 +19,8 @@ from torch import fx
 from einfx.passes.base import PassResult
 from einfx.planning.plan import Plan
 from einfx.planning.planner import plan_for
-from einfx.planning.profile import DeviceProfile
-from einfx.structures.layer import EinsumLinear
+from einfx.planning.profile import DeviceProfile, default_profile
+from einfx.layers.linear import EinsumLinear
 
 __all__ = ["lower", "emit_plan", "lowerable"]
 
@@ -71,8 +71,6 @@ def lower(gm: fx.GraphModule, tokens: int = 512, profile: DeviceProfile | None =
     Returns:
         `PassResult` with stats ``{"lowered": n, "plans": {layer name: plan.describe()}}``.
     """
-    from einfx.planning.profile import default_profile
-
     lowered, plans = 0, {}
     for node in list(gm.graph.nodes):
         if node.op != "call_module":

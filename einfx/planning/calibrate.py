@@ -10,9 +10,13 @@ and of one view op. Each figure is the median of repeated timings.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import torch
 
+from einfx.planning.plan import execute
+from einfx.planning.planner import plan_layer
+from einfx.structures.structure import Structure
 from einfx.planning.profile import DeviceProfile, default_profile, device_key, save_profile
 
 __all__ = ["calibrate"]
@@ -60,18 +64,14 @@ def _small_rate(run, dtype) -> float:
 
 
 def _with_call_cost(profile: DeviceProfile, dev: torch.device, run) -> DeviceProfile:
-    """Measure ``call_s``: an eager call of a tiny structured layer minus what its steps are predicted to cost."""
-    from dataclasses import replace
-
-    from einfx.planning.planner import plan_layer
-    from einfx.structures.layer import EinsumLinear
-    from einfx.structures.structure import Structure
-
-    layer = EinsumLinear(64, 64, Structure.btt(rank=1), device=dev).eval()
+    """Measure ``call_s``: an eager run of a tiny structured plan minus what its steps are predicted to cost."""
+    sizes = Structure.btt(rank=1).resolve(64, 64)
+    plan = plan_layer(sizes, 1, "float32", profile)
+    cores = {"A": torch.randn(sizes.a_shape, device=dev), "B": torch.randn(sizes.b_shape, device=dev)}
     x = torch.randn(1, 64, device=dev)
     with torch.no_grad():
-        measured = run(lambda: layer(x), reps=5, inner=200)
-    steps = plan_layer(layer.sizes, 1, "float32", replace(profile, call_s=0.0)).time
+        measured = run(lambda: execute(plan, x, cores, None), reps=5, inner=200)
+    steps = plan_layer(sizes, 1, "float32", replace(profile, call_s=0.0)).time
     return replace(profile, call_s=max(0.0, measured - steps))
 
 

@@ -26,7 +26,7 @@ from torch import fx, nn
 
 from einfx.rewriter.attention import mha_objection
 from einfx.rewriter.trace import is_conv1d
-from einfx.structures.layer import EinsumLinear
+from einfx.layers.linear import EinsumLinear
 
 __all__ = ["Candidate", "detect", "detect_modules", "KINDS"]
 

@@ -32,8 +32,8 @@ from torch.utils import _pytree as pytree
 
 from einfx.errors import EinfxError
 from einfx.rewriter.fidelity import Fidelity, batch_mask, call, fidelity, main_output
-from einfx.structures.layer import EinsumLinear
-from einfx.structures.param_groups import param_groups
+from einfx.layers.linear import EinsumLinear
+from einfx.layers.param_groups import param_groups
 
 __all__ = ["distill", "DistillReport", "DistillError", "Checkpoint"]
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from einfx.errors import PolicyError
-from einfx.structures.layer import EinsumLinear
+from einfx.layers.linear import EinsumLinear
 
 __all__ = ["Fidelity", "fidelity", "call", "main_output", "batch_mask"]
 

@@ -22,7 +22,7 @@ from einfx.rewriter.decide import Decision
 from einfx.rewriter.fidelity import batch_mask, call
 from einfx.rewriter.substitute import _set, structure_modules, weight_of
 from einfx.structures.calibrated import project_on_data
-from einfx.structures.layer import EinsumLinear
+from einfx.layers.linear import EinsumLinear
 
 __all__ = ["fit_on_data", "data_aware"]
 

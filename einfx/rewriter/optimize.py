@@ -22,6 +22,8 @@ from torch.utils import _pytree as pytree
 
 from einfx.errors import PolicyError, TraceError, UnmatchedPatternWarning
 from einfx.passes.base import run_passes
+from einfx.passes.fold import fold_decision
+from einfx.passes.lower import lowerable
 from einfx.rewriter.budget import option_cost
 from einfx.rewriter.decide import Decision, decide
 from einfx.rewriter.detect import detect, detect_modules
@@ -113,9 +115,6 @@ def _row(d: Decision, layer, fold_allowed: bool = True, note: str | None = None)
 
 def _inference_columns(layer, fold_allowed: bool, tokens: int = DEPLOY_TOKENS) -> dict:
     """Predicted times of the best structured plan and of dense at ``tokens`` and the inference choice."""
-    from einfx.passes.fold import fold_decision
-    from einfx.passes.lower import lowerable
-
     if not lowerable(layer):
         return {}
     decision = fold_decision(layer, tokens, forbidden=not fold_allowed)
@@ -203,6 +202,11 @@ def optimize_with_report(model: nn.Module, policy, example_inputs=None, verify: 
                          data: Iterable | None = None) -> tuple[nn.Module, Report]:
     """`optimize`, also returning the `Report` (the same rows `explain` gives)."""
     policy = as_policy(policy)
+    if isinstance(example_inputs, Mapping):  # keyword inputs (a tokenizer's output), as to_onnx takes them
+        if example_kwargs:
+            raise PolicyError("example_inputs is a mapping of keyword inputs and example_kwargs is given too; "
+                              "give the keyword inputs once")
+        example_inputs, example_kwargs = None, example_inputs
     args = _inputs(example_inputs)
     kwargs = dict(example_kwargs or {})
     data = list(data) if data is not None else None
@@ -307,8 +311,8 @@ def optimize(model: nn.Module, policy, example_inputs=None, verify: bool = False
     Args:
         model: any nn.Module (not modified).
         policy: an `einfx.Policy`, a dict, or a path to a YAML/TOML policy file.
-        example_inputs: positional example inputs (a tuple, or one tensor); needed by the torch.export front
-            end and by ``verify``.
+        example_inputs: positional example inputs (a tuple, or one tensor), or a mapping of keyword inputs
+            (a tokenizer's output); needed by the torch.export front end and by ``verify``.
         verify: compare the outputs with the original model's on ``example_inputs``; the error is in
             ``module.einfx_report.verify_error``.
         example_kwargs: keyword example inputs.

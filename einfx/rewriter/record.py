@@ -36,7 +36,7 @@ from torch.utils import _pytree as pytree
 from einfx.rewriter.attention import mha_objection
 from einfx.rewriter.detect import Candidate, _layer_name, _type_names
 from einfx.rewriter.trace import is_conv1d
-from einfx.structures.layer import EinsumLinear
+from einfx.layers.linear import EinsumLinear
 
 __all__ = ["Use", "Recording", "record", "record_candidates", "linear_modules"]
 

@@ -31,8 +31,9 @@ from torch import fx, nn
 from einfx.errors import SavedModelError
 from einfx.rewriter.attention import FusedSelfAttention
 from einfx.rewriter.substitute import _fused_attention, _set
-from einfx.structures.layer import EinsumLinear
+from einfx.layers.linear import EinsumLinear
 from einfx.structures.structure import Structure
+from einfx.zoo import build_model, parse_spec
 
 __all__ = ["save", "load", "manifest", "is_hf_model", "MANIFEST", "WEIGHTS", "FORMAT_VERSION"]
 
@@ -198,8 +199,6 @@ def _base_model(path: str, info: dict, file: str, model: nn.Module | None) -> nn
             raise SavedModelError(f"einfx.load: {config_file} is not a valid config: {exc}") from exc
         return cls(config)
     if kind == "spec":
-        from einfx.zoo import build_model, parse_spec
-
         return build_model(parse_spec(str(base.get("spec")))).module
     raise SavedModelError(f"einfx.load: {file} was saved from a {base.get('class', 'model')} that einfx cannot "
                           "rebuild by itself; pass model=<a fresh instance of that class> (or save with "

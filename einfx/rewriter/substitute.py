@@ -21,7 +21,7 @@ from einfx.rewriter.attention import FusedSelfAttention
 from einfx.rewriter.decide import Decision
 from einfx.rewriter.detect import Candidate, _linear_args
 from einfx.rewriter.trace import fx_trace
-from einfx.structures.layer import EinsumLinear
+from einfx.layers.linear import EinsumLinear
 
 __all__ = ["weight_of", "build_layer", "structure_linears", "structure_modules"]
 

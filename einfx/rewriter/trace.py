@@ -22,7 +22,7 @@ import torch
 from torch import fx, nn
 
 from einfx.errors import TraceError
-from einfx.structures.layer import EinsumLinear
+from einfx.layers.linear import EinsumLinear
 
 __all__ = ["Capture", "EinfxTracer", "FRONTENDS", "capture", "fx_trace", "is_conv1d"]
 

@@ -1,9 +1,11 @@
-"""Structured einsum layers: the θ space, sizes, costs, taxonomy, init, projection and the nn.Module."""
+"""The math of structured einsum layers: the θ space, sizes, costs, taxonomy, init and projection.
 
-from einfx.structures.layer import Cost, EinsumLinear
-from einfx.structures.param_groups import param_groups
+The bottom floor of the package: it imports nothing of einfx but `einfx.errors` (the nn.Modules built on it are
+in `einfx.layers`).
+"""
+
 from einfx.structures.sizes import ORDERS, Sizes
 from einfx.structures.structure import KINDS, Structure
 from einfx.structures.taxonomy import Taxonomy, taxonomy
 
-__all__ = ["Structure", "KINDS", "Sizes", "ORDERS", "EinsumLinear", "Cost", "Taxonomy", "taxonomy", "param_groups"]
+__all__ = ["Structure", "KINDS", "Sizes", "ORDERS", "Taxonomy", "taxonomy"]

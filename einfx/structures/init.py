@@ -52,8 +52,6 @@ def lr_multipliers(sizes: Sizes, optimizer: str = "adam") -> dict[str, float]:
     fans = core_fans(sizes)
     n = len(fans)
     if optimizer not in ("adam", "sgd"):
-        from einfx.errors import StructureError
-
         raise StructureError(f"unknown optimizer kind {optimizer!r}; valid: adam, sgd")
     out = {}
     for name, (fi, fo) in fans.items():

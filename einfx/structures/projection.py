@@ -30,11 +30,10 @@ import torch
 
 from einfx.errors import ProjectionError, WeightError
 from einfx.structures import functional as Fn
-from einfx.structures.layer import check_weight
 from einfx.structures.sizes import Sizes
 from einfx.structures.structure import Structure
 
-__all__ = ["Projection", "project", "MAX_IMPUTE", "IMPUTE_RTOL", "FLOAT64_MAX_ENTRIES"]
+__all__ = ["Projection", "project", "check_weight", "MAX_IMPUTE", "IMPUTE_RTOL", "FLOAT64_MAX_ENTRIES"]
 
 # Weights up to this many entries are projected in float64; larger ones in float32 (memory and time).
 FLOAT64_MAX_ENTRIES = 4 * 1024 * 1024
@@ -66,6 +65,25 @@ class Projection:
     cores: dict[str, torch.Tensor]
     rel_error: float
     method: str
+
+
+
+def check_weight(weight: torch.Tensor, name: str | None = None) -> None:
+    """Raise `WeightError` unless ``weight`` is a finite 2-D floating tensor."""
+    where = f"layer {name!r}: " if name else ""
+    if not isinstance(weight, torch.Tensor):
+        raise WeightError(f"{where}weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise WeightError(f"{where}weight must be 2-D (d_out, d_in), got shape {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise WeightError(f"{where}weight must be floating point, got {weight.dtype}")
+    bad = (~torch.isfinite(weight)).sum().item()
+    if bad:
+        nan = torch.isnan(weight).sum().item()
+        raise WeightError(
+            f"{where}weight of shape {tuple(weight.shape)} has {bad} non-finite entries ({nan} NaN, "
+            f"{bad - nan} Inf); fix or retrain the weight before converting it"
+        )
 
 
 def project(weight: torch.Tensor, structure, sizes: Sizes, name: str | None = None, *,

@@ -8,13 +8,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from einfx.errors import ShapeError, WeightError
+from einfx.errors import ShapeError, StructureError, WeightError
+from einfx.planning import execute, plan_for
+from einfx.planning.profile import default_profile
 from einfx.structures import functional as Fn
 from einfx.structures.init import init_cores_
+from einfx.structures.projection import check_weight, project
 from einfx.structures.sizes import ORDERS, Sizes
 from einfx.structures.structure import Structure
 
-__all__ = ["EinsumLinear", "Cost", "check_weight"]
+__all__ = ["EinsumLinear", "Cost", "check_weight", "INITS"]
 
 INITS = ("project", "random")
 
@@ -25,24 +28,6 @@ class Cost:
 
     params: int
     flops: int
-
-
-def check_weight(weight: torch.Tensor, name: str | None = None) -> None:
-    """Raise `WeightError` unless ``weight`` is a finite 2-D floating tensor."""
-    where = f"layer {name!r}: " if name else ""
-    if not isinstance(weight, torch.Tensor):
-        raise WeightError(f"{where}weight must be a torch.Tensor, got {type(weight).__name__}")
-    if weight.dim() != 2:
-        raise WeightError(f"{where}weight must be 2-D (d_out, d_in), got shape {tuple(weight.shape)}")
-    if not weight.is_floating_point():
-        raise WeightError(f"{where}weight must be floating point, got {weight.dtype}")
-    bad = (~torch.isfinite(weight)).sum().item()
-    if bad:
-        nan = torch.isnan(weight).sum().item()
-        raise WeightError(
-            f"{where}weight of shape {tuple(weight.shape)} has {bad} non-finite entries ({nan} NaN, "
-            f"{bad - nan} Inf); fix or retrain the weight before converting it"
-        )
 
 
 class EinsumLinear(nn.Module):
@@ -61,14 +46,29 @@ class EinsumLinear(nn.Module):
     `set_order` ("xab", "xba" or "fold"), which the planner then keeps.
     """
 
+    # structure kind -> the subclass that implements it (BTT-MoE registers itself: einfx.moe.layer); the base
+    # class does not import its subclasses, so the floors of the package stay one-way
+    _KIND_CLASSES: dict[str, type] = {}
+
+    def __init_subclass__(cls, kind: str | None = None, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if kind is not None:
+            EinsumLinear._KIND_CLASSES[kind] = cls
+
+    @classmethod
+    def _class_for(cls, structure) -> type:
+        if cls is not EinsumLinear or structure is None:
+            return cls
+        kind = Structure.from_dict(structure).kind
+        sub = EinsumLinear._KIND_CLASSES.get(kind)
+        if sub is None and kind == "btt_moe":
+            raise StructureError("BTT-MoE layers are built by einfx.moe.layer; import einfx (or einfx.layers) first")
+        return sub or cls
+
     def __new__(cls, *args, **kwargs):
         # EinsumLinear(d_in, d_out, Structure.btt_moe(...)) builds the BTT-MoE subclass (einfx.moe).
         structure = args[2] if len(args) > 2 else kwargs.get("structure")
-        if cls is EinsumLinear and structure is not None and Structure.from_dict(structure).kind == "btt_moe":
-            from einfx.moe.layer import BTTMoELinear
-
-            cls = BTTMoELinear
-        return super().__new__(cls)
+        return super().__new__(cls._class_for(structure))
 
     def __init__(self, d_in: int, d_out: int, structure, bias: bool = True, *, zero_init_last: bool = False,
                  name: str | None = None, device=None, dtype=None):
@@ -106,9 +106,6 @@ class EinsumLinear(nn.Module):
     def _eager_plan(self, tokens: int, x: torch.Tensor):
         """`plan_for` memoized on the layer per (tokens, dtype, device, threads, order): the planner's own
         cache hashes the sizes and the profile on every call, a few µs that small layers notice."""
-        from einfx.planning import plan_for
-        from einfx.planning.profile import default_profile
-
         cache = self.__dict__.setdefault("_einfx_plans", {})
         key = (tokens, x.dtype, x.device.type, torch.get_num_threads(), self.order)
         plan = cache.get(key)
@@ -132,9 +129,6 @@ class EinsumLinear(nn.Module):
             )
         if self.sizes.dense:
             return torch.nn.functional.linear(x, self.weight, self.bias)  # nn.Linear's kernel, bit for bit
-        from einfx.planning import execute, plan_for
-        from einfx.planning.profile import default_profile
-
         # traced / symbolic token counts plan for 512 tokens: the plan's steps run at any count
         n = x.numel() // self.in_features
         tokens = max(1, n) if isinstance(n, int) else 512
@@ -161,8 +155,6 @@ class EinsumLinear(nn.Module):
         if s.dense:
             flops = 2 * tokens * s.d_in * s.d_out
         else:
-            from einfx.planning import plan_for
-
             flops = plan_for(self, tokens).flops  # the plan the forward pass runs at this token count
         return Cost(params=params, flops=flops)
 
@@ -179,11 +171,10 @@ class EinsumLinear(nn.Module):
         ``init="project"`` fits the cores to the weight (SPEC §3) and records ``projection_error``
         (relative Frobenius error); ``init="random"`` uses the spectral μP init and copies only the bias.
         """
-        if cls is EinsumLinear and Structure.from_dict(structure).kind == "btt_moe":
+        sub = cls._class_for(structure)
+        if sub is not cls:
             # BTT-MoE projects onto its experts differently (einfx.moe.projection), like __new__ dispatches.
-            from einfx.moe.layer import BTTMoELinear
-
-            return BTTMoELinear.from_weight(weight, bias, structure, init, name=name, zero_init_last=zero_init_last)
+            return sub.from_weight(weight, bias, structure, init, name=name, zero_init_last=zero_init_last)
         if init not in INITS:
             raise ValueError(f"layer {name!r}: unknown init {init!r}; valid: {', '.join(INITS)}")
         check_weight(weight, name)
@@ -196,8 +187,6 @@ class EinsumLinear(nn.Module):
             if bias is not None:
                 layer.bias.copy_(bias)
             if init == "project":
-                from einfx.structures.projection import project
-
                 result = project(weight.detach(), layer.structure, layer.sizes, name=name)
                 for key, core in result.cores.items():
                     getattr(layer, key).copy_(core)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from einfx.errors import StructureError
+from einfx.layers.linear import EinsumLinear
 from einfx.structures.init import lr_multipliers
 
 __all__ = ["param_groups", "OPTIMIZERS"]
@@ -13,8 +14,6 @@ OPTIMIZERS = ("adam", "sgd")
 
 
 def _structured_modules(model: nn.Module):
-    from einfx.structures.layer import EinsumLinear
-
     return [(name, m) for name, m in model.named_modules() if isinstance(m, EinsumLinear)]
 
 
