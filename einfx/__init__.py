@@ -5,7 +5,7 @@ See README.md for the three entry points (Python, command line, ONNX deployment)
 
 from einfx import errors, export, moe
 from einfx.moe import aux_loss
-from einfx.planning import calibrate
+from einfx.export.calibrate import calibrate
 from einfx.rewriter import Policy, Rule, explain, optimize
 from einfx.rewriter.distill import DistillReport, distill
 from einfx.rewriter.fidelity import Fidelity, fidelity

@@ -16,6 +16,7 @@ __all__ = [
     "PlanError",
     "ProfileError",
     "ExportError",
+    "TuningCacheError",
     "ModelSpecError",
     "PassError",
     "SavedModelError",
@@ -65,6 +66,10 @@ class ProfileError(EinfxError, ValueError):
 
 class ExportError(EinfxError, RuntimeError):
     """ONNX export or verification failed."""
+
+
+class TuningCacheError(ExportError):
+    """A tuning cache that cannot be trusted here: unreadable, another format, or measured elsewhere."""
 
 
 class ModelSpecError(EinfxError, ValueError):

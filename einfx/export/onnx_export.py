@@ -22,6 +22,7 @@ Facts about torch 2.14's exporter this relies on (checked by experiment):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import inspect
 import os
@@ -31,6 +32,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+import numpy as np
+import onnx
 import torch
 
 from einfx.errors import ExportError
@@ -42,6 +45,9 @@ from einfx.export.verify import TOLERANCES, ParityCheck, input_variants, referen
 from einfx.passes.base import run_passes
 from einfx.passes.fold import fold_modules, fold_to_dense
 from einfx.passes.lower import lower, lowerable
+from einfx.export.graph_passes import optimize_graph
+from einfx.export.runtimes import check_runtime, load
+from einfx.export.tune import TuningCache, tune_model
 from einfx.planning.profile import load_profile
 
 __all__ = ["to_onnx", "ExportReport", "cast_inputs", "DTYPES", "EXTERNAL_DATA_THRESHOLD", "apply_deploy_passes"]
@@ -50,6 +56,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # protobuf refuses messages of 2 GiB; weights above this size go to an external data file.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 BATCH = "batch"
+# rows (batch × sequence) a graph's layers are tuned for when to_onnx is not told its deployment shape
+DEPLOY_TOKENS = 512
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,9 @@ class ExportReport:
         tolerance: the relative error allowed for this dtype.
         latency: median onnxruntime latency on the example inputs (io-binding), or None.
         note: why verification or timing was skipped, if it was.
+        runtime: the runtime the layers were tuned for (None: planned by the cost model).
+        tuned: layer name -> `einfx.export.tune.Tuned` (what was measured, and the winner) when tuned.
+        rewrites: what the whole-graph passes did (`einfx.export.graph_passes.optimize_graph` counts).
     """
 
     path: str
@@ -89,6 +100,9 @@ class ExportReport:
     tolerance: float = 0.0
     latency: object = None
     note: str = ""
+    runtime: str | None = None
+    tuned: dict = field(default_factory=dict)
+    rewrites: dict = field(default_factory=dict)
 
     @property
     def verified(self) -> bool:
@@ -120,13 +134,26 @@ class ExportReport:
             lines.append(f"  {check}")
         if self.latency is not None:
             lines.append(f"  latency: {self.latency}")
+        done = {k: v for k, v in self.rewrites.items() if v and k != "pruned"}
+        if done:
+            lines.append("  graph: " + ", ".join(f"{k} {v}" for k, v in done.items()))
+        if self.tuned:
+            dense = sum(t.dense for t in self.tuned.values())
+            lines.append(f"  tuned for {self.runtime}: {len(self.tuned) - dense} structured, {dense} folded to "
+                         f"dense ({len({t.signature for t in self.tuned.values()})} signatures)")
         if self.note:
             lines.append(f"  note: {self.note}")
         return "\n".join(lines)
 
 
-def apply_deploy_passes(module: torch.nn.Module, device: str = "cpu") -> tuple[torch.nn.Module, tuple[str, ...]]:
+def apply_deploy_passes(module: torch.nn.Module, device: str = "cpu", *, runtime: str | None = None,
+                        tokens: int = DEPLOY_TOKENS, threads: int = 0, tuning: TuningCache | None = None,
+                        tuned: dict | None = None) -> tuple[torch.nn.Module, tuple[str, ...]]:
     """Fold-to-dense, then lowering, for a model about to run in onnxruntime on ``device``.
+
+    With ``runtime`` (``"onnxruntime"`` or ``"openvino"``), the fold and the plan of every structured layer
+    are measured in that runtime at ``tokens`` rows instead (`einfx.export.tune.tune_model`, cached in
+    ``tuning``); the measurements go into ``tuned`` (a dict) when one is given.
 
     Both plan with the device profile seen through onnxruntime (no free strided views), so a layer whose
     structured plan would lose to dense there is folded to an exact dense layer, and every other structured
@@ -137,9 +164,18 @@ def apply_deploy_passes(module: torch.nn.Module, device: str = "cpu") -> tuple[t
     profile = load_profile(device, fallback=True).with_backend("onnxruntime")
     # a policy with fold_to_dense=False (recorded on the module by einfx.optimize) keeps every layer structured
     keep = () if getattr(module, "einfx_fold_to_dense", True) else ("*",)
+    if not any(lowerable(m) for m in module.modules()):
+        return module, ()
+    if runtime is not None:
+        measured = tune_model(module, runtime, tokens, threads=threads, keep=keep, cache=tuning)
+        if tuned is not None:
+            tuned.update(measured)
+        names = (f"tune[{runtime}, {tokens} tokens]", "lower")
+        if isinstance(module, torch.fx.GraphModule):
+            module.recompile()
+            module = lower(module, profile=profile).graph_module
+        return module, names
     if not isinstance(module, torch.fx.GraphModule):
-        if not any(lowerable(m) for m in module.modules()):
-            return module, ()
         fold_modules(module, profile=profile, keep=keep)
         return module, ("fold_to_dense", "lower")
     passes = [functools.partial(fold_to_dense, profile=profile, keep=keep), functools.partial(lower, profile=profile)]
@@ -289,6 +325,28 @@ def _verify(tmp_path, reference, inputs, axes, dtype, device, verify_inputs, lat
     return (sess.provider,), tuple(checks), latency, note
 
 
+def _rewrite_graph(path: str) -> dict[str, int]:
+    """`optimize_graph` on the file in place (the temporary export, before any check)."""
+    model = onnx.load(path)
+    rewritten, counts = optimize_graph(model)
+    if any(counts.values()):
+        onnx.save(rewritten, path)
+    return counts
+
+
+def _verify_openvino(tmp_path, reference, inputs, dtype) -> tuple[ParityCheck, ...]:
+    """Parity of the file run in OpenVINO (f32 precision hint) against torch on the example inputs."""
+    if dtype != "float32":
+        return ()
+    runner = load("openvino", tmp_path)
+    xs = _check_inputs(inputs)
+    expected = reference_outputs(reference, xs)
+    feeds = dict(zip(runner.input_names, (x.detach().cpu().numpy() for x in xs)))
+    got = [torch.from_numpy(np.asarray(y)) for y in runner(feeds)]
+    check = ParityCheck(tuple(tuple(x.shape) for x in xs), rel_error(got, expected), TOLERANCES[dtype])
+    return (dataclasses.replace(check, where="openvino"),)
+
+
 def _export(module, inputs, axes, opset, tmp_path, use_external: bool, what: str, names, output_names) -> None:
     """torch.onnx.export (dynamo) and save to ``tmp_path``; exporter failures become `ExportError`."""
     shapes = tuple(axes.get(i, {}) or None for i in range(len(inputs)))
@@ -319,7 +377,8 @@ def to_onnx(module: torch.nn.Module, example_inputs, path: str | os.PathLike, dt
             verify: bool = True, external_data: bool | None = None, *, device: str = "auto",
             verify_inputs: Sequence[Sequence[torch.Tensor]] | None = None,
             latency_repeats: int = 10, dynamic_sequence: bool = True,
-            outputs: Sequence[str] | None = None) -> ExportReport:
+            outputs: Sequence[str] | None = None, runtime: str | None = None, tokens: int = DEPLOY_TOKENS,
+            threads: int = 0, tuning: TuningCache | None = None, graph_passes: bool = True) -> ExportReport:
     """Export ``module`` to an ONNX file at ``path``, check it and verify it against torch.
 
     Args:
@@ -345,6 +404,17 @@ def to_onnx(module: torch.nn.Module, example_inputs, path: str | os.PathLike, dt
         outputs: for a model returning a ModelOutput or dict, the outputs to export (default: its main
             output, the first tensor: ``logits`` or ``last_hidden_state``); models called with a
             ``use_cache`` argument are exported with ``use_cache=False`` (no past key values).
+        runtime: the runtime the graph is for, ``"onnxruntime"`` or ``"openvino"``: every structured layer's
+            fold-to-dense decision and plan are measured there (the cost model's best plans and dense, timed
+            per distinct layer signature, cached: `einfx.export.tune`), so that no layer stays structured
+            where dense runs faster; with ``"openvino"`` the file is also verified in OpenVINO. None: the
+            cost model decides (no measurement).
+        tokens: rows (batch × sequence) of the deployment shape the layers are tuned for.
+        threads: runtime threads for tuning (0: the runtime's default).
+        tuning: the `TuningCache` to read and extend (default: the runtime's cache beside the device profile).
+        graph_passes: rewrite the exported graph as a whole (`einfx.export.graph_passes`: identical nodes
+            merged, sibling MatMuls on one activation fused into one, transpose pairs cancelled); exact, and
+            verified with the rest. Skipped for weights in an external data file.
 
     Returns:
         An `ExportReport`.
@@ -365,7 +435,11 @@ def to_onnx(module: torch.nn.Module, example_inputs, path: str | os.PathLike, dt
     what = _describe(module)
     axes = _dynamic_axes(names, inputs, dynamic_batch, dynamic_sequence, dynamic_axes)
     reference = ExportView(_eager_attention(copy.deepcopy(module).eval()), names, keyword, outputs) if verify else None
-    prepared, passes = apply_deploy_passes(_prepare(module, dtype), resolve_device(device))
+    if runtime is not None:
+        check_runtime(runtime)
+    tuned: dict = {}
+    prepared, passes = apply_deploy_passes(_prepare(module, dtype), resolve_device(device), runtime=runtime,
+                                           tokens=tokens, threads=threads, tuning=tuning, tuned=tuned)
     view = ExportView(prepared, names, keyword, outputs)
     use_external = _weight_bytes(prepared) >= EXTERNAL_DATA_THRESHOLD if external_data is None else bool(external_data)
 
@@ -376,11 +450,14 @@ def to_onnx(module: torch.nn.Module, example_inputs, path: str | os.PathLike, dt
         with torch.no_grad():
             view(*traced)  # learns the output names of a mapping output
         _export(view, traced, axes, opset, tmp_path, use_external, what, names, view.output_names)
+        rewrites = _rewrite_graph(tmp_path) if graph_passes and not use_external else {}
         op_counts = check_onnx(tmp_path)
         providers, checks, latency, note = (), (), None, "not verified (verify=False)"
         if verify:
             providers, checks, latency, note = _verify(tmp_path, reference, inputs, axes, dtype, device,
                                                        verify_inputs, latency_repeats)
+            if runtime == "openvino":
+                checks += _verify_openvino(tmp_path, reference, inputs, dtype)
             if not all(c.passed for c in checks):
                 raise ExportError(
                     f"{what}: onnxruntime output differs from torch beyond the {dtype} tolerance "
@@ -400,5 +477,5 @@ def to_onnx(module: torch.nn.Module, example_inputs, path: str | os.PathLike, dt
         dynamic_axes={names[i]: dict(d) for i, d in axes.items()}, op_counts=op_counts,
         file_bytes=os.path.getsize(path), data_bytes=os.path.getsize(data_path) if data_path else 0,
         passes=passes, providers=providers, checks=checks, tolerance=TOLERANCES[dtype], latency=latency,
-        note=note,
+        note=note, runtime=runtime, tuned=tuned, rewrites=rewrites,
     )

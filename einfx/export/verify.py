@@ -31,6 +31,7 @@ class ParityCheck:
     input_shapes: tuple[tuple[int, ...], ...]
     rel_error: float
     tolerance: float
+    where: str = "onnxruntime"
 
     @property
     def passed(self) -> bool:
@@ -38,7 +39,8 @@ class ParityCheck:
 
     def __str__(self) -> str:
         shapes = ", ".join("x".join(map(str, s)) for s in self.input_shapes)
-        return f"inputs [{shapes}]: rel error {self.rel_error:.3g} (tolerance {self.tolerance:g}) {'ok' if self.passed else 'FAIL'}"
+        where = "" if self.where == "onnxruntime" else f"{self.where} "
+        return f"{where}inputs [{shapes}]: rel error {self.rel_error:.3g} (tolerance {self.tolerance:g}) {'ok' if self.passed else 'FAIL'}"
 
 
 def rel_error(actual: Sequence[torch.Tensor], expected: Sequence[torch.Tensor]) -> float:

@@ -81,6 +81,8 @@ class EinsumLinear(nn.Module):
         self.projection_error: float | None = None
         # the device profile a captured graph (torch.export, ONNX) plans with; None: the device's default
         self.export_profile = None
+        # a plan measured fastest in the runtime a graph is exported for (einfx.export.tune); captured graphs run it
+        self.export_plan = None
         factory = {"device": device, "dtype": dtype}
         if self.sizes.dense:
             self.weight = nn.Parameter(torch.empty(d_out, d_in, **factory))
@@ -133,7 +135,9 @@ class EinsumLinear(nn.Module):
         n = x.numel() // self.in_features
         tokens = max(1, n) if isinstance(n, int) else 512
         capturing = not isinstance(n, int) or torch.compiler.is_compiling() or torch.compiler.is_exporting()
-        if capturing:
+        if capturing and self.export_plan is not None:
+            plan = self.export_plan
+        elif capturing:
             plan = plan_for(self, tokens, dtype=x.dtype, profile=self.export_profile or default_profile(x.device.type))
             if plan.token_block:  # a captured graph must serve every token count: run the whole batch
                 plan = dataclasses.replace(plan, token_block=0)

@@ -65,7 +65,8 @@ def lower(gm: fx.GraphModule, tokens: int = 512, profile: DeviceProfile | None =
             `EinsumLinear` as a leaf).
         tokens: the token count the plans are made for (plans run at any token count).
         profile: the device profile to plan with (default: the built-in profile of the layer's device);
-            use ``profile.with_backend("onnxruntime")`` for graphs that will run in onnxruntime.
+            use ``profile.with_backend("onnxruntime")`` for graphs that will run in onnxruntime. A layer
+            with an ``export_plan`` (measured in its runtime by `einfx.export.tune`) runs that plan instead.
         dtype: plan for this dtype instead of the parameters' dtype.
 
     Returns:
@@ -80,7 +81,7 @@ def lower(gm: fx.GraphModule, tokens: int = 512, profile: DeviceProfile | None =
             continue
         param = next(iter(module.cores().values()))
         prof = profile or default_profile(param.device.type)
-        plan = plan_for(module, tokens, dtype=dtype, profile=prof)
+        plan = getattr(module, "export_plan", None) or plan_for(module, tokens, dtype=dtype, profile=prof)
         with gm.graph.inserting_before(node):
             cores = {key: gm.graph.get_attr(f"{node.target}.{key}") for key in module.cores()}
             y = emit_plan(gm.graph, plan, node.args[0], cores)

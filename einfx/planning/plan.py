@@ -17,7 +17,7 @@ from einfx.errors import PlanError
 from einfx.planning.codegen import VIEW_OPS, compiled
 from einfx.planning.workspace import scratch
 
-__all__ = ["Step", "Plan", "execute", "uses_scratch", "OPS"]
+__all__ = ["Step", "Plan", "execute", "uses_scratch", "apply_step", "OPS"]
 
 # op -> number of tensor inputs; every op has exactly one output.
 OPS = {"pad": 1, "reshape": 1, "permute": 1, "expand": 1, "contiguous": 1, "crop": 1, "slice": 1, "matmul": 2, "restore": 2}
@@ -123,7 +123,8 @@ def _find_scratch_values(plan: "Plan") -> frozenset[str]:
     return frozenset(s.out for s in plan.steps if s.op in ("matmul", "contiguous", "pad") and s.out not in escaping)
 
 
-def _apply(step: Step, vals: list, env: dict):
+def apply_step(step: Step, vals: list, env: dict):
+    """The value of one plan step on torch tensors ``vals`` (its inputs), the reference interpreter."""
     a = step.args
     v = vals[0]
     if step.op == "pad":

@@ -10,14 +10,14 @@ import einfx
 from einfx.errors import PlanError
 from einfx.planning import all_plans, execute, plan_layer
 from einfx.planning.codegen import compiled
-from einfx.planning.plan import Plan, Step, _apply
+from einfx.planning.plan import Plan, Step, apply_step
 from einfx.planning.profile import default_profile
 
 
 def _interpret(plan, x, cores):
     env = {"x": x, **cores}
     for st in plan.steps:
-        env[st.out] = _apply(st, [env[i] for i in st.inputs], env)
+        env[st.out] = apply_step(st, [env[i] for i in st.inputs], env)
     return env[plan.output]
 
 

@@ -12,7 +12,7 @@ from einfx import EinsumLinear, Structure
 from einfx.errors import PlanError, ShapeError
 from einfx.planning import (all_plans, copy_cost, default_profile, execute, flops_only_profile, plan_for,
                             plan_layer)
-from einfx.planning.plan import _apply
+from einfx.planning.plan import apply_step
 from einfx.structures import functional as Fn
 
 
@@ -130,7 +130,7 @@ def _left_transposed_reads(plan, x, cores) -> int:
         vals = [env[i] for i in st.inputs]
         if st.op == "matmul" and st.inputs[0] not in cores:
             count += vals[0].stride(-2) == 1 and vals[0].stride(-1) != 1
-        env[st.out] = _apply(st, vals, env)
+        env[st.out] = apply_step(st, vals, env)
     return count
 
 

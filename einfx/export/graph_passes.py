@@ -1,0 +1,244 @@
+"""Whole-graph rewrites of an exported ONNX model: exact, pure functions from a ModelProto to a new one.
+
+    dedupe            common-subexpression elimination: nodes with the same op, attributes and inputs (small
+                      constant inputs compared by value) become one; q, k and v's identical input reshapes and
+                      transposes collapse to one
+    fuse_siblings     MatMuls that read the same activation against constant right operands of the same batch
+                      and contraction sizes become one MatMul against the operands concatenated on the last
+                      axis, then a Split: q/k/v (or LLaMA's gate/up) run one GEMM instead of three
+    prune             drop nodes and initializers nothing reads
+    transpose_pairs   Transpose followed by Transpose becomes one Transpose, or nothing when they cancel
+
+Constant right operands are evaluated with numpy through the weight-side ops the exporter emits (Reshape,
+Transpose, Identity, Cast, Constant), so the fused operand is a single pre-arranged initializer. Every
+rewrite keeps the node order topological and the values bit-for-bit what they were, up to the runtime's
+GEMM blocking (to_onnx verifies the result against torch).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+__all__ = ["optimize_graph", "dedupe", "fuse_siblings", "prune", "transpose_pairs", "constant_values"]
+
+# a constant input this small is compared by value in dedupe (shapes, axes, perms), larger ones by name
+_SMALL = 64
+
+
+def constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Every value computable from initializers alone through Reshape / Transpose / Identity / Cast / Constant."""
+    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for node in graph.node:
+        try:
+            if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+                values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+            elif not node.input or any(i not in values for i in node.input if i):
+                continue
+            elif node.op_type == "Reshape":
+                data, shape = values[node.input[0]], values[node.input[1]]
+                shape = [d if d != 0 else data.shape[i] for i, d in enumerate(shape.tolist())]
+                values[node.output[0]] = data.reshape(shape)
+            elif node.op_type == "Transpose":
+                perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+                values[node.output[0]] = np.transpose(values[node.input[0]], perm)
+            elif node.op_type == "Identity":
+                values[node.output[0]] = values[node.input[0]]
+            elif node.op_type == "Cast":
+                to = next(a.i for a in node.attribute if a.name == "to")
+                values[node.output[0]] = values[node.input[0]].astype(helper.tensor_dtype_to_np_dtype(to))
+        except (ValueError, KeyError):
+            continue
+    return values
+
+
+def _rename(graph: onnx.GraphProto, mapping: dict[str, str]) -> None:
+    if not mapping:
+        return
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in mapping:
+                node.input[i] = mapping[name]
+    for out in graph.output:
+        if out.name in mapping:  # a graph output keeps its name: route it through an Identity
+            graph.node.append(helper.make_node("Identity", [mapping[out.name]], [out.name]))
+
+
+def _key(node: onnx.NodeProto, values: dict[str, np.ndarray]):
+    ins = []
+    for name in node.input:
+        v = values.get(name)
+        if v is not None and v.size <= _SMALL:
+            ins.append(("const", str(v.dtype), v.shape, v.tobytes()))
+        else:
+            ins.append(name)
+    attrs = tuple(sorted((a.name, a.SerializeToString()) for a in node.attribute))
+    return node.op_type, node.domain, tuple(ins), attrs, len(node.output)
+
+
+def dedupe(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Common-subexpression elimination; returns the new model and how many nodes were merged."""
+    model = _copy(model)
+    graph = model.graph
+    values = constant_values(graph)
+    seen, mapping, keep, merged = {}, {}, [], 0
+    outputs = {o.name for o in graph.output}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            node.input[i] = mapping.get(name, name)
+        stateful = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute) \
+            or node.op_type.startswith("Random") or node.op_type == "Constant"
+        key = None if stateful or any(o in outputs for o in node.output) else _key(node, values)
+        if key is not None and key in seen:
+            for mine, theirs in zip(node.output, seen[key].output):
+                mapping[mine] = theirs
+            merged += 1
+            continue
+        if key is not None:
+            seen[key] = node
+        keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
+    return model, merged
+
+
+def fuse_siblings(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """One MatMul per group of MatMuls that share their activation operand and have constant other operands
+    of the same shape but for the free axis; returns the new model and the number of MatMuls removed.
+
+    ``x @ W_i`` (constant on the right) concatenates the W_i on their last axis and splits the output's last
+    axis; ``W_i @ x`` (constant on the left, a plan that computes y transposed) concatenates on the W_i's
+    row axis and splits the output's second-to-last axis.
+    """
+    model = _copy(model)
+    graph = model.graph
+    values = constant_values(graph)
+    groups = defaultdict(list)
+    for i, node in enumerate(graph.node):
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+            continue
+        a, b = node.input[0], node.input[1]
+        if b in values and a not in values and values[b].ndim >= 2:
+            w = values[b]
+            groups[("right", a, w.shape[:-1], str(w.dtype))].append(i)
+        elif a in values and b not in values and values[a].ndim >= 2:
+            w = values[a]
+            groups[("left", b, w.shape[:-2] + w.shape[-1:], str(w.dtype))].append(i)
+    replaced, removed = {}, 0
+    existing = {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output}
+    for (side, x, _, _), members in groups.items():
+        if len(members) < 2:
+            continue
+        nodes = [graph.node[i] for i in members]
+        right = side == "right"
+        weights = [values[n.input[1] if right else n.input[0]] for n in nodes]
+        axis = -1 if right else -2
+        base = _fresh(f"{nodes[0].output[0]}_siblings", existing)
+        w_name, s_name = _fresh(base + "_weight", existing), _fresh(base + "_split", existing)
+        graph.initializer.append(numpy_helper.from_array(np.concatenate(weights, axis=axis), w_name))
+        graph.initializer.append(numpy_helper.from_array(np.array([w.shape[axis] for w in weights], np.int64), s_name))
+        inputs = [x, w_name] if right else [w_name, x]
+        fused = [helper.make_node("MatMul", inputs, [base], name=base),
+                 helper.make_node("Split", [base, s_name], [n.output[0] for n in nodes], axis=axis,
+                                  name=base + "/split")]
+        replaced[members[0]] = fused
+        for i in members[1:]:
+            replaced[i] = []
+        removed += len(members) - 1
+    if not replaced:
+        return model, 0
+    new = []
+    for i, node in enumerate(graph.node):
+        new.extend(replaced.get(i, [node]))
+    del graph.node[:]
+    graph.node.extend(new)
+    return prune(model)[0], removed
+
+
+def transpose_pairs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Transpose(Transpose(x, p), q) -> Transpose(x, p∘q), or x when the composition is the identity (only
+    where the inner Transpose has no other reader)."""
+    model = _copy(model)
+    graph = model.graph
+    readers = defaultdict(int)
+    for node in graph.node:
+        for name in node.input:
+            readers[name] += 1
+    producer = {o: n for n in graph.node for o in n.output}
+    outputs = {o.name for o in graph.output}
+    mapping, drop, count = {}, set(), 0
+    for node in graph.node:
+        if node.op_type != "Transpose":
+            continue
+        inner = producer.get(node.input[0])
+        if inner is None or inner.op_type != "Transpose" or readers[inner.output[0]] != 1 \
+                or inner.output[0] in outputs:
+            continue
+        p = next((list(a.ints) for a in inner.attribute if a.name == "perm"), None)
+        q = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        if p is None or q is None or len(p) != len(q):
+            continue
+        composed = [p[i] for i in q]
+        drop.add(id(inner))
+        count += 1
+        del node.attribute[:]
+        node.input[0] = inner.input[0]
+        if composed == sorted(composed) and node.output[0] not in outputs:
+            mapping[node.output[0]] = inner.input[0]
+            drop.add(id(node))
+        else:
+            node.attribute.append(helper.make_attribute("perm", composed))
+    keep = [n for n in graph.node if id(n) not in drop]
+    del graph.node[:]
+    graph.node.extend(keep)
+    _rename(graph, mapping)
+    return model, count
+
+
+def prune(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Drop nodes whose outputs nothing reads and initializers no node reads; returns the count dropped."""
+    model = _copy(model)
+    graph = model.graph
+    needed = {o.name for o in graph.output}
+    keep, dropped = [], 0
+    for node in reversed(list(graph.node)):
+        if any(o in needed for o in node.output if o):
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+        else:
+            dropped += 1
+    keep.reverse()
+    del graph.node[:]
+    graph.node.extend(keep)
+    used = [i for i in graph.initializer if i.name in needed]
+    dropped += len(graph.initializer) - len(used)
+    del graph.initializer[:]
+    graph.initializer.extend(used)
+    return model, dropped
+
+
+def optimize_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """dedupe, fuse_siblings, transpose_pairs and prune, in that order; returns the model and the counts."""
+    model, merged = dedupe(model)
+    model, fused = fuse_siblings(model)
+    model, pairs = transpose_pairs(model)
+    model, pruned = prune(model)
+    return model, {"deduplicated": merged, "sibling matmuls fused": fused, "transpose pairs": pairs,
+                   "pruned": pruned}
+
+
+def _fresh(name: str, taken: set) -> str:
+    candidate, i = name, 1
+    while candidate in taken:
+        candidate, i = f"{name}_{i}", i + 1
+    taken.add(candidate)
+    return candidate
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
