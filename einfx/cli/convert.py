@@ -66,6 +66,7 @@ class RunOptions:
     tokens: int = 128
     resume: bool = False
     data: str | None = None
+    runtime: str | None = None
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,8 @@ def fingerprint(task: Task, options: RunOptions) -> dict:
              "tokens": options.tokens}
     if options.data is not None:
         marks["data_sha256"] = _sha256_or_none(options.data)
+    if options.runtime is not None:
+        marks["runtime"] = options.runtime
     return marks
 
 
@@ -192,6 +195,8 @@ def run_one(task: Task, options: RunOptions, convert_fn: Converter | None = None
     staging = outputs.staging_dir(options.out_dir, slug)
     try:
         extra = {"data": options.data} if options.data is not None else {}
+        if options.runtime is not None:
+            extra["runtime"] = options.runtime
         report = convert_fn(task.spec, task.policy, staging, options.dtype, options.tokens, **extra)
         full = outputs.finalize_report(staging, report, task.key, slug, marks, time.perf_counter() - start)
         outputs.publish(staging, final)

@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--shard", metavar="K/N", help="convert only shard K of N of the sorted model list")
     convert.add_argument("--resume", action="store_true", help="skip models whose outputs are complete and valid")
     convert.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="ONNX dtype")
+    convert.add_argument("--runtime", choices=("onnxruntime", "openvino"),
+                         help="the runtime the ONNX file is for: every structured layer's plan and fold-to-dense "
+                              "decision is measured there (cached), and the file is verified there")
     convert.set_defaults(handler=_run_convert)
     return parser
 
@@ -120,7 +123,8 @@ def _run_convert(args: argparse.Namespace) -> int:
     except (EinfxError, ValueError) as exc:
         return _usage_error("convert", exc)
     selected = select_tasks(tasks, shard)
-    options = RunOptions(out_dir=args.out, dtype=args.dtype, tokens=args.tokens, resume=args.resume, data=args.data)
+    options = RunOptions(out_dir=args.out, dtype=args.dtype, tokens=args.tokens, resume=args.resume, data=args.data,
+                         runtime=args.runtime)
     batch = run_batch(selected, options, convert_fn=args.convert_fn, jobs=args.jobs, shard=shard)
     counts = {s: sum(r.status == s for r in batch.results) for s in ("ok", "skipped", "failed")}
     where = f" (shard {shard[0]}/{shard[1]}: {len(selected)} of {len({t.key for t in tasks})} models)" if shard else ""

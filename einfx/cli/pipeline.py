@@ -103,7 +103,7 @@ def explain_one(spec: ModelSpec, policy: str, tokens: int = 128, data: str | Non
 
 
 def convert_one(spec: ModelSpec, policy: str, out_dir: str, dtype: str = "float32", tokens: int = 128,
-                data: str | None = None) -> dict:
+                data: str | None = None, runtime: str | None = None) -> dict:
     """Convert one model: build, optimize (with its explain report), export ``out_dir/model.onnx``, verify it.
 
     Args:
@@ -114,6 +114,8 @@ def convert_one(spec: ModelSpec, policy: str, out_dir: str, dtype: str = "float3
         tokens: sequence length of text models.
         data: a file of calibration inputs (`einfx.cli.data`): the layers are fitted to them and the report
             carries the fidelity of the converted model to the original on them.
+        runtime: ``"onnxruntime"`` or ``"openvino"``: the layers' plans and folds are measured there
+            (`einfx.export.tune`) and the file is verified there; None: the cost model decides.
 
     Returns:
         The report: ``model`` (family, inputs), ``explain`` (rows), ``params`` / ``flops`` (before, after),
@@ -139,8 +141,9 @@ def convert_one(spec: ModelSpec, policy: str, out_dir: str, dtype: str = "float3
     params_after, flops_after = count_params(optimized), count_flops(optimized, inputs)
     latency_after = _torch_latency_ms(optimized, inputs)
     # to_onnx flattens dict/tuple outputs (Hugging Face ModelOutput) and applies the deploy passes itself.
+    tuning = {"runtime": runtime} if runtime is not None else {}
     exported = _api("export.to_onnx")(optimized, inputs, os.path.join(out_dir, ONNX_NAME), dtype=dtype,
-                                      verify=True)
+                                      verify=True, **tuning)
     fid = getattr(report, "fidelity", None)
     return {
         "model": {"family": built.family, **built.info, "example_inputs": [list(t.shape) for t in inputs]},
@@ -154,6 +157,9 @@ def convert_one(spec: ModelSpec, policy: str, out_dir: str, dtype: str = "float3
             "max_rel_error": _float_or_none(getattr(exported, "max_rel_error", None)),
             "op_counts": dict(getattr(exported, "op_counts", {}) or {}),
             "passes": list(getattr(exported, "passes", ()) or ()),
+            "runtime": runtime,
+            "tuned": {name: t.describe() for name, t in (getattr(exported, "tuned", None) or {}).items()},
+            "graph_rewrites": dict(getattr(exported, "rewrites", {}) or {}),
             "note": getattr(exported, "note", ""),
         },
         "latency_ms": {"torch_before": latency_before, "torch_after": latency_after,

@@ -34,7 +34,7 @@ from einfx.export.runtimes import load, runtime_id
 from einfx.passes.fold import dense_linear
 from einfx.passes.lower import lowerable
 from einfx.planning.plan import Plan, Step
-from einfx.planning.planner import all_plans, plan_layer
+from einfx.planning.planner import all_plans, plain_plans, plan_layer
 from einfx.planning.profile import DeviceProfile, cache_dir, load_profile
 
 __all__ = ["Tuned", "TuningCache", "TuningCacheError", "tune_layer", "tune_model", "signature", "CANDIDATES", "TUNE_MARGIN",
@@ -181,7 +181,8 @@ def _plan_fields(plan: Plan) -> dict:
 
 def candidates(layer, tokens: int, profile: DeviceProfile, count: int = CANDIDATES) -> list[tuple[str, Plan]]:
     """The cost model's ``count`` best distinct plans for ``layer`` (no fold: a runtime folds constants itself,
-    so a folded plan is the dense candidate), labelled ``"<order>#<rank>"``."""
+    so a folded plan is the dense candidate), labelled ``"<order>#<rank>"``, and the plain token-major plan
+    (``"<order>-plain"``) when it is not among them."""
     plans = [p for p in all_plans(layer.sizes, tokens, "float32", profile) if p.order != "fold"]
     plans.append(plan_layer(layer.sizes, tokens, "float32", profile, ("xab", "xba")))
     seen, out = set(), []
@@ -192,6 +193,10 @@ def candidates(layer, tokens: int, profile: DeviceProfile, count: int = CANDIDAT
         out.append((f"{p.order}#{len(out) + 1}", p))
         if len(out) == count:
             break
+    # the plain token-major plan of the cheaper order in FLOPs: plain GEMMs the cost model may undervalue
+    plain = min(plain_plans(layer.sizes, tokens, "float32", profile), key=lambda p: p.flops)
+    if plain.steps not in seen:
+        out.append((f"{plain.order}-plain", plain))
     return out
 
 

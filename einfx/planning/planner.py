@@ -404,6 +404,26 @@ def all_plans(sizes: Sizes, tokens: int, dtype: str = "float32", profile: Device
     return out
 
 
+def plain_plans(sizes: Sizes, tokens: int, dtype: str = "float32", profile: DeviceProfile | None = None) -> list[Plan]:
+    """The plain plan of each order (the token-major layouts of `einfx.structures.functional`: x·A then ·B,
+    x·B then ·A, each GEMM reading its activation as rows): for low-rank, two MatMuls against pre-transposed
+    constant cores. A measured tuner times them beside the cost model's favourites."""
+    profile = profile or default_profile("cpu")
+    dtype = dtype_name(dtype)
+    if sizes.dense:
+        return [plan_layer(sizes, tokens, dtype, profile)]
+    itemsize = _ITEMSIZE[dtype]
+    dense = dense_cost(sizes.d_in, sizes.d_out, tokens, dtype, profile)
+    sz = dict(n=tokens, a=sizes.alpha, b=sizes.beta, g=sizes.gamma, d=sizes.delta, e=sizes.epsilon,
+              f=sizes.phi, r=sizes.rho)
+    out = []
+    for order in ("xab", "xba"):
+        for b, text in _token_plans(sizes, order, sz, itemsize, dtype, profile, naive=True):
+            out.append(_make(b, order, text, b, dense, tokens, dtype, profile, 1))
+            break
+    return out
+
+
 def _make(b: _Builder, order, text, naive: _Builder, dense: PrimCost, tokens, dtype, profile, count) -> Plan:
     return Plan(steps=tuple(b.steps), order=order, layout=text, time=b.cost.time, flops=b.cost.flops,
                 bytes=b.cost.bytes, launches=b.cost.launches, naive_time=naive.cost.time,

@@ -116,3 +116,20 @@ def test_convert_with_data_writes_the_fidelity_everywhere(tmp_path):
     assert "not measured (no --data)" in (out2 / "summary.md").read_text()
     assert main(["convert", str(folder), "--policy", str(policy), "--out", str(out2), "--data",
                  str(tmp_path / "nope.txt")]) == 2
+
+
+@pytest.mark.slow
+def test_convert_for_a_runtime_tunes_and_verifies_there(tmp_path, monkeypatch):
+    monkeypatch.setenv("EINFX_CACHE_DIR", str(tmp_path / "cache"))
+    folder = _folder(tmp_path)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    out = tmp_path / "out"
+    code = main(["convert", str(folder), "--policy", str(policy), "--out", str(out), "--tokens", "16",
+                 "--runtime", "openvino"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert code == 0, {m["spec"]: m["error"] for m in summary["models"]}
+    export = json.loads((out / "folder-tiny-bert" / "report.json").read_text())["export"]
+    assert export["runtime"] == "openvino" and export["passes"][0].startswith("tune[openvino")
+    assert export["tuned"] and all(v.startswith("openvino: ") for v in export["tuned"].values())
+    assert (tmp_path / "cache" / "tuning-openvino-cpu-v1.json").exists()

@@ -127,3 +127,26 @@ def test_qkv_of_a_zoo_bert_fuse_and_the_export_verifies(structure, tmp_path):
         ya = a({k: feeds[k] for k in a.input_names})[0]
         yb = b({k: feeds[k] for k in b.input_names})[0]
         np.testing.assert_allclose(yb, ya, rtol=1e-5, atol=1e-5 * np.abs(ya).max(), err_msg=runtime)
+
+
+@pytest.mark.slow
+def test_gate_and_up_of_a_zoo_llama_fuse_exactly(tmp_path):
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=4, vocab_size=100, max_position_embeddings=32)
+    model = LlamaModel(cfg).eval()
+    example = {"input_ids": torch.randint(0, 100, (2, 10))}
+    opt = einfx.optimize(model, einfx.Policy(default=Structure.low_rank(rank=8), fold_to_dense=False),
+                         example_inputs=example)
+    report = einfx.export.to_onnx(opt, example, tmp_path / "llama.onnx", latency_repeats=0)
+    assert report.verified
+    # q, k, v read one normalized tensor, gate and up another: 2 + 1 first GEMMs removed
+    assert report.rewrites["sibling matmuls fused"] >= 3
+    for runtime in INSTALLED:
+        run = load(runtime, str(tmp_path / "llama.onnx"))
+        got = run({"input_ids": example["input_ids"].numpy()})[0]
+        with torch.no_grad():
+            want = opt(**example).last_hidden_state.numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max(), err_msg=runtime)

@@ -137,3 +137,49 @@ def test_to_onnx_for_a_runtime_tunes_folds_and_verifies_there(runtime, tmp_path,
     if runtime == "openvino":
         assert any(c.where == "openvino" for c in report.checks)
     assert f"tuned for {runtime}" in str(report)
+
+
+class _Functional(nn.Module):
+    """Linear computations that read raw parameters (F.linear, x @ W.T): optimize returns a GraphModule."""
+
+    def __init__(self, d=128):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(2 * d, d) / d ** 0.5)
+        self.w2 = nn.Parameter(torch.randn(d, 2 * d) / d ** 0.5)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(torch.relu(torch.nn.functional.linear(x, self.w1)), self.w2)
+
+
+@pytest.mark.slow
+def test_to_onnx_for_a_runtime_lowers_a_graph_module_with_the_measured_plans(tmp_path, monkeypatch):
+    monkeypatch.setenv("EINFX_CACHE_DIR", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    x = torch.randn(3, 128)
+    opt = einfx.optimize(_Functional(), einfx.Policy(default=Structure.btt(rank=1)), example_inputs=(x,))
+    assert isinstance(opt, torch.fx.GraphModule)
+    report = einfx.export.to_onnx(opt, x, tmp_path / "g.onnx", runtime="onnxruntime", tokens=128, threads=1,
+                                  latency_repeats=0)
+    assert report.verified and len(report.tuned) == 2
+    assert report.passes[0] == "tune[onnxruntime, 128 tokens]"
+    cache = TuningCache("onnxruntime", 1)
+    assert {t.signature for t in report.tuned.values()} <= set(cache.entries)
+
+
+def test_calibrate_with_a_runtime_tunes_the_model_ahead_of_time(tmp_path, monkeypatch):
+    import einfx.export.calibrate as cal
+    from einfx.errors import ExportError
+    from einfx.planning.profile import default_profile
+
+    monkeypatch.setenv("EINFX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cal, "calibrate_profile", lambda device, save, path: default_profile("cpu"))
+    model = nn.Sequential(_layer(seed=1), nn.GELU(), _layer(seed=2))
+    before = [type(m) for m in model]
+    profile = einfx.calibrate(runtime="onnxruntime", model=model, tokens=16, threads=1)
+    assert profile.device == "cpu" and [type(m) for m in model] == before  # the model is not modified
+    entries = TuningCache("onnxruntime", 1).entries
+    assert list(entries) == [signature(model[0], 16)]
+    with pytest.raises(ExportError, match="pass model="):
+        einfx.calibrate(runtime="openvino")
+    with pytest.raises(ExportError, match="give runtime='onnxruntime' or runtime='openvino'"):
+        einfx.calibrate(model=model)
