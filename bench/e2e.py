@@ -60,11 +60,11 @@ class Spec:
     example: Callable[[], object]             # small example inputs for export (dict or tuple)
     feeds: Callable[[int, int], dict]        # (batch, length) -> numpy inputs by name
     tokens: Callable[[int, int], int]        # (batch, length) -> rows the linear layers see
-    images: bool = False                     # batch of images: the shape column says so
     ort_type: str | None = None              # onnxruntime.transformers model_type
     heads: int = 0
     hidden: int = 0
     exclude: tuple[str, ...] = ()
+    images: bool = False                     # a batch of images: the shape column says so
 
 
 def _minilm_folder() -> str:
