@@ -94,20 +94,25 @@ def minilm() -> Spec:
                 feeds, lambda b, n: b * n, "bert", 12, 384)
 
 
-def gpt2() -> Spec:
-    from transformers import GPT2Config, GPT2Model
-
-    cfg = GPT2Config(n_layer=12, n_embd=768, n_head=12)  # default configuration: use_cache on
+def _token_model(name: str, model_class, cfg, **ort) -> Spec:
+    """A Hugging Face model of token ids built from ``cfg`` with seeded random weights."""
 
     def build():
         torch.manual_seed(0)
-        return GPT2Model(cfg).eval()
+        return model_class(cfg).eval()
 
     def feeds(b, n):
         return {"input_ids": np.random.default_rng(0).integers(0, cfg.vocab_size, (b, n)).astype(np.int64)}
 
-    return Spec("GPT-2 small (random weights)", build, lambda: {"input_ids": torch.randint(0, cfg.vocab_size, (2, 16))},
-                feeds, lambda b, n: b * n, "gpt2", 12, 768)
+    return Spec(name, build, lambda: {"input_ids": torch.randint(0, cfg.vocab_size, (2, 16))}, feeds,
+                lambda b, n: b * n, **ort)
+
+
+def gpt2() -> Spec:
+    from transformers import GPT2Config, GPT2Model
+
+    cfg = GPT2Config(n_layer=12, n_embd=768, n_head=12)  # default configuration: use_cache on
+    return _token_model("GPT-2 small (random weights)", GPT2Model, cfg, ort_type="gpt2", heads=12, hidden=768)
 
 
 def vit() -> Spec:
@@ -128,16 +133,7 @@ def llama() -> Spec:
 
     cfg = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=2, num_attention_heads=16,
                       num_key_value_heads=16, vocab_size=32000)
-
-    def build():
-        torch.manual_seed(0)
-        return LlamaModel(cfg).eval()
-
-    def feeds(b, n):
-        return {"input_ids": np.random.default_rng(0).integers(0, cfg.vocab_size, (b, n)).astype(np.int64)}
-
-    return Spec("LLaMA-shaped (d 1024, 2 blocks)", build, lambda: {"input_ids": torch.randint(0, cfg.vocab_size, (2, 16))},
-                feeds, lambda b, n: b * n)
+    return _token_model("LLaMA-shaped (d 1024, 2 blocks)", LlamaModel, cfg)
 
 
 MODELS = {"minilm": minilm, "gpt2": gpt2, "vit": vit, "llama": llama}

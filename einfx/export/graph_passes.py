@@ -56,15 +56,11 @@ def constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
 
 
 def _rename(graph: onnx.GraphProto, mapping: dict[str, str]) -> None:
-    if not mapping:
-        return
+    """Point every reader of a removed value at its replacement (graph outputs are never removed)."""
     for node in graph.node:
         for i, name in enumerate(node.input):
             if name in mapping:
                 node.input[i] = mapping[name]
-    for out in graph.output:
-        if out.name in mapping:  # a graph output keeps its name: route it through an Identity
-            graph.node.append(helper.make_node("Identity", [mapping[out.name]], [out.name]))
 
 
 def _key(node: onnx.NodeProto, values: dict[str, np.ndarray]):

@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 
 from einfx.errors import ExportError
+from einfx.export.session import _options
 
 __all__ = ["RUNTIMES", "Runner", "available", "load", "runtime_id", "check_runtime"]
 
@@ -98,13 +99,7 @@ def load(name: str, model, threads: int = 0, device: str = "cpu", *, spinning: b
 def _ORT(model, threads: int, device: str, spinning: bool) -> Runner:
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    if not spinning:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
+    opts = _options(threads or None, spinning)
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
     sess = ort.InferenceSession(_source(model), opts, providers=providers)
     names = tuple(i.name for i in sess.get_inputs())

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import os
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +33,7 @@ from einfx.passes.fold import dense_linear
 from einfx.passes.lower import lowerable
 from einfx.planning.plan import Plan, Step
 from einfx.planning.planner import all_plans, plain_plans, plan_layer
-from einfx.planning.profile import DeviceProfile, cache_dir, load_profile
+from einfx.planning.profile import DeviceProfile, cache_dir, load_profile, write_json_atomic
 
 __all__ = ["Tuned", "TuningCache", "TuningCacheError", "tune_layer", "tune_model", "signature", "CANDIDATES", "TUNE_MARGIN",
            "tuning_path"]
@@ -150,8 +148,8 @@ class TuningCache:
         if entry is None:
             return None
         steps = tuple(Step(s["op"], s["out"], tuple(s["inputs"]), tuple(s["args"])) for s in entry["steps"])
-        plan = Plan(**{**_plan_fields(reference), "steps": steps, "order": entry["order"],
-                       "layout": entry["layout"], "output": steps[-1].out, "token_block": 0})
+        plan = replace(reference, steps=steps, order=entry["order"], layout=entry["layout"], output=steps[-1].out,
+                       token_block=0)
         return Tuned(sig, self.runtime, dict(entry["times"]), entry["winner"], plan, cached=True)
 
     def put(self, tuned: Tuned) -> None:
@@ -162,21 +160,7 @@ class TuningCache:
         self.entries[tuned.signature] = entry
 
     def save(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tuning-", suffix=".json", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump({"format": FORMAT, "id": self.id, "entries": self.entries}, fh, indent=1, sort_keys=True)
-            os.replace(tmp, self.path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return self.path
-
-
-def _plan_fields(plan: Plan) -> dict:
-    return {k: v for k, v in asdict(plan).items() if not k.startswith("_")} | {"steps": plan.steps}
+        return write_json_atomic(self.path, {"format": FORMAT, "id": self.id, "entries": self.entries}, indent=1)
 
 
 def candidates(layer, tokens: int, profile: DeviceProfile, count: int = CANDIDATES) -> list[tuple[str, Plan]]:
@@ -293,6 +277,6 @@ def tune_model(model: torch.nn.Module, runtime: str, tokens: int, *, threads: in
             setattr(parent, attr, dense_linear(layer))
         else:
             layer.export_plan = tuned.plan
-    if save and cache is not None and any(not t.cached for t in by_sig.values()):
+    if save and any(not t.cached for t in by_sig.values()):
         cache.save()
     return results

@@ -185,19 +185,26 @@ def profile_path(device="cpu") -> Path:
     return cache_dir() / f"profile-{device_key(device)}-v{PROFILE_VERSION}.json"
 
 
-def save_profile(profile: DeviceProfile, path: str | os.PathLike | None = None) -> Path:
-    """Write ``profile`` as JSON atomically (temp file + rename); return the path."""
-    target = Path(path) if path is not None else profile_path(profile.device)
+def write_json_atomic(target: Path, data, indent: int = 2) -> Path:
+    """Write ``data`` as JSON to ``target`` atomically (a temporary file beside it, then a rename)."""
+    target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".profile-", suffix=".json", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=".json", dir=target.parent)
     try:
         with os.fdopen(fd, "w") as fh:
-            json.dump(profile.to_dict(), fh, indent=2, sort_keys=True)
+            json.dump(data, fh, indent=indent, sort_keys=True)
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return target
+
+
+def save_profile(profile: DeviceProfile, path: str | os.PathLike | None = None) -> Path:
+    """Write ``profile`` as JSON atomically (temp file + rename); return the path."""
+    target = Path(path) if path is not None else profile_path(profile.device)
+    write_json_atomic(target, profile.to_dict())
     return target
 
 
