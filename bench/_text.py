@@ -1,6 +1,7 @@
 """Sentences for calibration and evaluation, from text installed on every machine (nothing downloaded).
 
-- calibration / training: docstrings of the Python standard library (``pydoc``-style, one sentence each);
+- calibration / training: the Python standard library's docstrings (modules, classes, functions, methods) and
+  the comments of its sources, one sentence each;
 - held-out: the project descriptions in the metadata of the installed Python packages (PyPI long
   descriptions): English prose from another source.
 """
@@ -10,9 +11,11 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import inspect
+import io
 import random
 import re
 import sys
+import tokenize
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 _STDLIB = sorted(m for m in sys.stdlib_module_names if not m.startswith("_") and m not in {
@@ -28,17 +31,51 @@ def _clean(text: str) -> list[str]:
     return out
 
 
+def _documented(module) -> list:
+    """The module, its classes and functions, and the methods and properties its own classes define."""
+    out = [module]
+    for _, value in inspect.getmembers(module):
+        if not (inspect.isclass(value) or inspect.isfunction(value)):
+            continue
+        out.append(value)
+        if inspect.isclass(value) and getattr(value, "__module__", None) == module.__name__:
+            out += [m for _, m in inspect.getmembers(value)
+                    if inspect.isfunction(m) or inspect.ismethoddescriptor(m) or isinstance(m, property)]
+    return out
+
+
+def _comments(module) -> list[str]:
+    """The module source's comment blocks (consecutive ``#`` lines joined), as text."""
+    try:
+        path = inspect.getsourcefile(module)
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+    except (TypeError, OSError, UnicodeDecodeError):
+        return []
+    blocks, block = [], []
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(source).readline):
+            if token.type == tokenize.COMMENT:
+                block.append(token.string.lstrip("#").strip())
+            elif token.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT) and block:
+                blocks.append(" ".join(block))
+                block = []
+    except (tokenize.TokenError, SyntaxError):
+        pass
+    return blocks
+
+
 def stdlib_sentences(limit: int, seed: int = 0) -> list[str]:
-    """Up to ``limit`` distinct sentences from standard-library docstrings (modules, classes, functions)."""
+    """Up to ``limit`` distinct sentences from the standard library's docstrings and source comments."""
     seen: dict[str, None] = {}
     for name in _STDLIB:
         try:
             module = importlib.import_module(name)
         except Exception:  # some modules do not import on every platform
             continue
-        objects = [module] + [v for _, v in inspect.getmembers(module) if inspect.isclass(v) or inspect.isfunction(v)]
-        for obj in objects:
-            for sentence in _clean(inspect.getdoc(obj) or ""):
+        texts = [inspect.getdoc(obj) or "" for obj in _documented(module)] + _comments(module)
+        for text in texts:
+            for sentence in _clean(text):
                 seen.setdefault(sentence)
     sentences = list(seen)
     random.Random(seed).shuffle(sentences)
@@ -46,12 +83,15 @@ def stdlib_sentences(limit: int, seed: int = 0) -> list[str]:
 
 
 def package_sentences(limit: int, seed: int = 0) -> list[str]:
-    """Up to ``limit`` distinct sentences from installed packages' project descriptions."""
+    """Up to ``limit`` distinct sentences from installed packages' project descriptions, none of them also a
+    standard-library sentence."""
+    stdlib = set(stdlib_sentences(10**9))
     seen: dict[str, None] = {}
     for dist in importlib.metadata.distributions():
         body = dist.metadata.get_payload() or dist.metadata.get("Description") or ""
         for sentence in _clean(re.sub(r"[`#*>\[\]()|_=-]+", " ", str(body))):
-            seen.setdefault(sentence)
+            if sentence not in stdlib:
+                seen.setdefault(sentence)
     sentences = list(seen)
     random.Random(seed).shuffle(sentences)
     return sentences[:limit]

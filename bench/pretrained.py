@@ -164,7 +164,7 @@ def run(calibration: int, held_out: int, rows: list[str] | None, distill_s: floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calibration", type=int, default=512, help="calibration sentences")
+    parser.add_argument("--calibration", type=int, default=2048, help="calibration sentences")
     parser.add_argument("--held-out", type=int, default=400, help="held-out sentences")
     parser.add_argument("--rows", nargs="*", choices=list(ROWS), help="rows to run (default: all)")
     parser.add_argument("--distill-seconds", type=float, default=600, help="distillation time of the budget rows")
