@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import inspect
@@ -65,8 +66,10 @@ def _comments(module) -> list[str]:
     return blocks
 
 
-def stdlib_sentences(limit: int, seed: int = 0) -> list[str]:
-    """Up to ``limit`` distinct sentences from the standard library's docstrings and source comments."""
+@functools.cache
+def _stdlib_text() -> tuple[str, ...]:
+    """Every distinct sentence of the standard library's docstrings and source comments, in discovery order
+    (read once per process: the calibration pool and the held-out filter share it)."""
     seen: dict[str, None] = {}
     for name in _STDLIB:
         try:
@@ -77,7 +80,12 @@ def stdlib_sentences(limit: int, seed: int = 0) -> list[str]:
         for text in texts:
             for sentence in _clean(text):
                 seen.setdefault(sentence)
-    sentences = list(seen)
+    return tuple(seen)
+
+
+def stdlib_sentences(limit: int, seed: int = 0) -> list[str]:
+    """Up to ``limit`` distinct sentences from the standard library's docstrings and source comments."""
+    sentences = list(_stdlib_text())
     random.Random(seed).shuffle(sentences)
     return sentences[:limit]
 
@@ -85,7 +93,7 @@ def stdlib_sentences(limit: int, seed: int = 0) -> list[str]:
 def package_sentences(limit: int, seed: int = 0) -> list[str]:
     """Up to ``limit`` distinct sentences from installed packages' project descriptions, none of them also a
     standard-library sentence."""
-    stdlib = set(stdlib_sentences(10**9))
+    stdlib = set(_stdlib_text())
     seen: dict[str, None] = {}
     for dist in importlib.metadata.distributions():
         body = dist.metadata.get_payload() or dist.metadata.get("Description") or ""
