@@ -53,7 +53,13 @@ def model_folder() -> str:
     return os.path.join(spec.submodule_search_locations[0], "model")
 
 
-def batches(tokenizer, sentences: list[str], size: int = 32, max_length: int = 128) -> list[dict]:
+def batches(tokenizer, sentences: list[str], size: int = 32, max_length: int = 128, bucket: bool = False
+            ) -> list[dict]:
+    """Padded batches of ``size`` sentences; ``bucket``: of sentences of similar token length (sorted, so a
+    batch pads little; distillation visits the batches in a random order)."""
+    if bucket:
+        lengths = [len(ids) for ids in tokenizer(sentences, truncation=True, max_length=max_length)["input_ids"]]
+        sentences = [s for _, s in sorted(zip(lengths, sentences), key=lambda p: p[0])]
     return [dict(tokenizer(sentences[i:i + size], padding=True, truncation=True, max_length=max_length,
                            return_tensors="pt")) for i in range(0, len(sentences), size)]
 
@@ -116,7 +122,7 @@ def run(calibration: int, held_out: int, rows: list[str] | None, distill_s: floa
     model = BertModel.from_pretrained(folder, local_files_only=True).eval()
     pool = stdlib_sentences(100_000)
     calib = batches(tokenizer, pool[:calibration])
-    train = batches(tokenizer, pool[:-128], size=16)  # the distillation's training text (calibration included)
+    train = batches(tokenizer, pool[:-128], size=16, bucket=True)  # distillation text (calibration included)
     val = batches(tokenizer, pool[-128:])           # its held-out batches for early stop (still stdlib text)
     test = batches(tokenizer, package_sentences(held_out))
     ref = embed(model, test)

@@ -7,6 +7,9 @@
                       and contraction sizes become one MatMul against the operands concatenated on the last
                       axis, then a Split: q/k/v (or LLaMA's gate/up) run one GEMM instead of three
     prune             drop nodes and initializers nothing reads
+    sink_transposes   a layer's output Transpose moved across the reshapes and elementwise ops that lead to
+                      the next layer (fc1 -> bias -> GELU -> fc2): the ops run in the layer's own layout
+                      (constants rearranged to match) and the Transpose meets the next layer's input one
     transpose_pairs   Transpose followed by Transpose becomes one Transpose, or nothing when they cancel
 
 Constant right operands are evaluated with numpy through the weight-side ops the exporter emits (Reshape,
@@ -23,7 +26,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-__all__ = ["optimize_graph", "dedupe", "fuse_siblings", "prune", "transpose_pairs", "constant_values"]
+__all__ = ["optimize_graph", "dedupe", "fuse_siblings", "prune", "sink_transposes", "transpose_pairs",
+           "constant_values"]
 
 # a constant input this small is compared by value in dedupe (shapes, axes, perms), larger ones by name
 _SMALL = 64
@@ -194,6 +198,168 @@ def transpose_pairs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     return model, count
 
 
+# ops applied entry by entry (with numpy broadcasting of their other operands): they commute with any
+# rearrangement of the entries, so a Transpose can move across them
+_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Gelu", "Erf", "Tanh", "Sigmoid", "Relu", "Sqrt", "Neg", "Exp",
+                "Cast", "Identity", "Abs", "Softplus", "HardSigmoid", "LeakyRelu", "Elu", "Selu"}
+
+
+def _perm(node: onnx.NodeProto) -> list[int] | None:
+    return next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+
+
+def _reshape_target(node: onnx.NodeProto | None, values: dict[str, np.ndarray]) -> list[int] | None:
+    """A Reshape's constant target with at most one -1 and no 0 (copy) entries, else None."""
+    if node is None or node.op_type != "Reshape" or node.input[1] not in values:
+        return None
+    target = [int(d) for d in values[node.input[1]].reshape(-1)]
+    if 0 in target or target.count(-1) > 1 or any(d < -1 for d in target):
+        return None
+    return target
+
+
+def _last_dim(name: str, producer: dict, values: dict[str, np.ndarray]) -> int | None:
+    """The last entry of a shape value, when it is a constant or a Concat ending in a constant."""
+    if name in values:
+        return int(values[name].reshape(-1)[-1])
+    node = producer.get(name)
+    if node is not None and node.op_type == "Concat" and node.input and node.input[-1] in values:
+        return int(values[node.input[-1]].reshape(-1)[-1])
+    return None
+
+
+def sink_transposes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Move a Transpose across Reshape -> elementwise ops -> Reshape back to the same shape; returns the count.
+
+    The pattern, as a layer's output meets the next layer's input (t's shape known up to one axis, from the
+    constant Reshape that makes x)::
+
+        t = Transpose(x, p); r = Reshape(t, ...); z = elementwise ops of r and constants; u = Reshape(z, shape(t))
+        ->  z' = the same ops of x, constants rearranged into x's layout;  u = Transpose(z', p)
+
+    exact, since the ops act entry by entry. Constants must be scalars or vary along the last axis of r only
+    (a bias), that axis spanning trailing axes of t; no value inside may be read from outside. The moved
+    Transpose then meets the next layer's input Transpose, and `transpose_pairs` merges or cancels them.
+    """
+    model = _copy(model)
+    graph = model.graph
+    values = constant_values(graph)
+    producer = {o: n for n in graph.node for o in n.output}
+    readers = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            readers[name].append(node)
+    outputs = {o.name for o in graph.output}
+    existing = {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output}
+    replace, drop, relaid, count = {}, set(), set(), 0
+    for t_node in list(graph.node):
+        plan = _sinkable(t_node, values, producer, readers, outputs)
+        if plan is None or id(t_node) in drop or any(id(n) in drop for n in plan[0] + plan[1]):
+            continue
+        chain, region, r2, x_shape, axis = plan
+        r1 = chain[-1]
+        p = _perm(t_node)
+        inverse = list(np.argsort(p))
+        x = t_node.input[0]
+        for node in region:
+            relaid.update(node.output)
+            for i, name in enumerate(node.input):
+                if name == r1.output[0]:
+                    node.input[i] = x
+                elif name in values and values[name].size == 1 and values[name].ndim > len(x_shape):
+                    new = _fresh(f"{name}_scalar", existing)  # a rank above x's would grow the result's rank
+                    graph.initializer.append(numpy_helper.from_array(values[name].reshape(()), new))
+                    node.input[i] = new
+                elif name in values and values[name].size > 1:
+                    c = values[name]
+                    t_shape = [x_shape[q] for q in p]
+                    shaped = c.reshape([1] * axis + [int(d) for d in t_shape[axis:]])
+                    new = _fresh(f"{name}_sunk", existing)
+                    graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(
+                        np.transpose(shaped, inverse)), new))
+                    node.input[i] = new
+        moved = _fresh(f"{r2.output[0]}_sunk", existing)
+        replace[id(r2)] = helper.make_node("Transpose", [r2.input[0]], [r2.output[0]], perm=p, name=moved)
+        drop.update({id(t_node)} | {id(r) for r in chain})
+        count += 1
+    if not count:
+        return model, 0
+    stale = [v for v in graph.value_info if v.name in relaid]  # their shapes are now x's layout's
+    for v in stale:
+        graph.value_info.remove(v)
+    new_nodes = [replace.get(id(n), n) for n in graph.node if id(n) not in drop]
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    return prune(model)[0], count
+
+
+def _sinkable(t_node, values, producer, readers, outputs):
+    """(the reshapes after the Transpose, region nodes, r2, x's shape with -1 for its unknown axis, first axis of t the constants span) when
+    ``t_node`` starts the pattern of `sink_transposes`, else None."""
+    if t_node.op_type != "Transpose" or _perm(t_node) is None or t_node.output[0] in outputs:
+        return None
+    x_shape = _reshape_target(producer.get(t_node.input[0]), values)
+    p = _perm(t_node)
+    if x_shape is None or len(x_shape) != len(p) or t_node.input[0] in values:
+        return None
+    t_shape = [x_shape[q] for q in p]
+    users = readers[t_node.output[0]]
+    if len(users) != 1 or users[0].op_type != "Reshape":
+        return None
+    chain = [users[0]]  # Reshape after Reshape (a plan's restore, then the model's view): one reshape
+    while len(readers[chain[-1].output[0]]) == 1 and readers[chain[-1].output[0]][0].op_type == "Reshape" \
+            and readers[chain[-1].output[0]][0].input[0] == chain[-1].output[0] \
+            and chain[-1].output[0] not in outputs:
+        chain.append(readers[chain[-1].output[0]][0])
+    if any(r.output[0] in outputs for r in chain):
+        return None
+    r1 = chain[-1]
+    width = _last_dim(r1.input[1], producer, values)
+    # the axis of t from which the trailing axes make r1's last axis (where a bias varies)
+    axis, span = len(t_shape), 1
+    while axis > 0 and width is not None and span < width and t_shape[axis - 1] > 0:
+        axis, span = axis - 1, span * t_shape[axis - 1]
+    bias_ok = width is not None and span == width
+    region, seen, frontier, r2 = [], set(), [r1.output[0]], None
+    while frontier:  # every node reachable from r1 up to r2: elementwise ops only
+        name = frontier.pop()
+        for node in readers[name]:
+            if id(node) in seen or node is r2:
+                continue
+            if node.op_type == "Reshape" and node.input[0] == name and node.input[1] in values:
+                if r2 is not None or name == r1.output[0]:
+                    return None
+                r2 = node
+                continue
+            if node.op_type not in _ELEMENTWISE or node.domain not in ("", "ai.onnx") or \
+                    any(o in outputs for o in node.output):
+                return None
+            region.append(node)
+            seen.add(id(node))
+            frontier.extend(node.output)
+    inside = {r1.output[0]} | {o for n in region for o in n.output}
+    for node in region:  # the other operands: constants, scalars or a bias along r1's last axis
+        for i in node.input:
+            if i in inside:
+                continue
+            if i not in values:
+                return None  # a non-constant operand from outside the region
+            c = values[i]
+            if c.size > 1 and not (bias_ok and c.shape[-1] == width and c.size == width):
+                return None
+    if r2 is None or not region or r2.input[0] not in {o for n in region for o in n.output}:
+        return None
+    # every value of the region is read inside it or by r2 only (checked above: readers are region or r2)
+    # r2 must give back t's shape: the same dims, at most one -1, and t's unknown axis (if any) that -1; the
+    # region neither grows nor shrinks the entries, so the -1 resolves to t's dim
+    target = [int(d) for d in values[r2.input[1]].reshape(-1)]
+    if len(target) != len(t_shape) or target.count(-1) > 1 or any(d == 0 or d < -1 for d in target):
+        return None
+    if any(a != b and a != -1 for a, b in zip(target, t_shape)):
+        return None
+    return chain, region, r2, x_shape, axis
+
+
 def prune(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """Drop nodes whose outputs nothing reads and initializers no node reads; returns the count dropped."""
     model = _copy(model)
@@ -217,13 +383,15 @@ def prune(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 
 
 def optimize_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
-    """dedupe, fuse_siblings, transpose_pairs and prune, in that order; returns the model and the counts."""
+    """dedupe, fuse_siblings, sink_transposes, transpose_pairs and prune, in that order; returns the model and
+    the counts."""
     model, merged = dedupe(model)
     model, fused = fuse_siblings(model)
+    model, sunk = sink_transposes(model)
     model, pairs = transpose_pairs(model)
     model, pruned = prune(model)
-    return model, {"deduplicated": merged, "sibling matmuls fused": fused, "transpose pairs": pairs,
-                   "pruned": pruned}
+    return model, {"deduplicated": merged, "sibling matmuls fused": fused, "transposes sunk": sunk,
+                   "transpose pairs": pairs, "pruned": pruned}
 
 
 def _fresh(name: str, taken: set) -> str:

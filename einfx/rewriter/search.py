@@ -35,7 +35,7 @@ from einfx.structures.sizes import Sizes
 from einfx.structures.structure import Structure
 
 __all__ = ["DEFAULT_CANDIDATES", "SearchChoice", "LayerSearch", "search", "describe", "candidate_structures",
-           "PROBE_BATCHES", "SEARCH_SWEEPS"]
+           "probe_batches", "PROBE_BATCHES", "SEARCH_SWEEPS"]
 
 # Families searched when the policy names none: dense is always an option besides these.
 DEFAULT_CANDIDATES = ("low_rank", "btt", "monarch", "tensor_train", "kronecker")
@@ -231,6 +231,15 @@ def _sensitivity(model, name: str, delta: torch.Tensor, error: float, batches, r
     return total / max(count, 1) / error ** 2
 
 
+def probe_batches(data: Sequence, count: int = PROBE_BATCHES) -> list:
+    """``count`` batches spread evenly over ``data`` (first and last included): data sorted by length, as
+    length-bucketed batches are, is probed at every length, not at its shortest."""
+    n = len(data)
+    if n <= count:
+        return list(data)
+    return [data[round(i * (n - 1) / (count - 1))] for i in range(count)] if count > 1 else [data[0]]
+
+
 def _covariances(model: nn.Module, names: list[str], data) -> dict[str, torch.Tensor]:
     """Each layer's dampened input covariance on ``model`` (the same statistics and ridge as the fit)."""
     out = {}
@@ -270,7 +279,7 @@ def search(model: nn.Module, decisions: Sequence[Decision], policy, data: Sequen
     model.eval()
     try:
         covs = _covariances(model, names, data) if names else {}
-        probe = list(data[:PROBE_BATCHES])
+        probe = probe_batches(data)
         reference = _outputs(model, probe)
         per_layer: dict[str, LayerSearch] = {}
         layers: list[LayerOptions] = []

@@ -54,6 +54,17 @@ def test_a_local_folder_is_a_model_spec_with_its_tokenizer(tmp_path):
         parse_spec(str(tmp_path))
 
 
+def test_text_lines_are_batched_by_length(tmp_path):
+    # lines of 1 and 6 words alternate; batched in file order every batch would pad the short ones to 6 words
+    folder = _folder(tmp_path)
+    built = build_model(parse_spec(str(folder)), tokens=16)
+    path = tmp_path / "mixed.txt"
+    path.write_text("\n".join("data" if i % 2 else "the model layer is fast text" for i in range(8)))
+    data = read_data(str(path), built, tokens=16, batch_size=4)
+    assert [tuple(b["input_ids"].shape) for b in data] == [(4, 3), (4, 8)]  # [CLS] ... [SEP]: no padding at all
+    assert all(bool(b["attention_mask"].all()) for b in data) and data.examples == 8
+
+
 def test_text_without_a_tokenizer_becomes_bytes_and_tensors_are_split(tmp_path):
     built = build_model(parse_spec(TINY_BERT), tokens=8)
     data = read_data(str(_lines(tmp_path, 3)), built, tokens=8)

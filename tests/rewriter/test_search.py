@@ -8,7 +8,7 @@ from torch import nn
 import einfx
 from einfx import Policy, Structure
 from einfx.errors import PolicyError
-from einfx.rewriter.search import _low_rank_errors, candidate_structures
+from einfx.rewriter.search import _low_rank_errors, candidate_structures, probe_batches
 from einfx.structures.calibrated import calibration_error
 
 
@@ -164,3 +164,11 @@ def test_functional_sites_keep_the_rank_planner_and_say_so():
     assert report.budget["search"].startswith("not run: 1 functional site(s)")
     assert report.budget["achieved"] <= 0.5 and len(report.structured) == 2
     assert "search over θ: not run" in report.summary()
+
+
+def test_probe_batches_spread_over_the_data():
+    # length-bucketed data is sorted by length: the sensitivity probe takes every length, not the shortest
+    assert probe_batches(list(range(10))) == [0, 3, 6, 9]
+    assert probe_batches(list(range(10)), count=1) == [0]
+    assert probe_batches(list(range(3))) == [0, 1, 2]
+    assert probe_batches(list(range(4))) == [0, 1, 2, 3]
