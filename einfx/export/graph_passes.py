@@ -21,12 +21,15 @@ GEMM blocking (to_onnx verifies the result against torch).
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Collection
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-__all__ = ["optimize_graph", "dedupe", "fuse_siblings", "prune", "sink_transposes", "transpose_pairs",
+from einfx.errors import ExportError
+
+__all__ = ["optimize_graph", "PASSES", "dedupe", "fuse_siblings", "prune", "sink_transposes", "transpose_pairs",
            "constant_values"]
 
 # a constant input this small is compared by value in dedupe (shapes, axes, perms), larger ones by name
@@ -382,16 +385,32 @@ def prune(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     return model, dropped
 
 
-def optimize_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
-    """dedupe, fuse_siblings, sink_transposes, transpose_pairs and prune, in that order; returns the model and
-    the counts."""
-    model, merged = dedupe(model)
-    model, fused = fuse_siblings(model)
-    model, sunk = sink_transposes(model)
-    model, pairs = transpose_pairs(model)
-    model, pruned = prune(model)
-    return model, {"deduplicated": merged, "sibling matmuls fused": fused, "transposes sunk": sunk,
-                   "transpose pairs": pairs, "pruned": pruned}
+PASSES = ("dedupe", "fuse_siblings", "sink_transposes", "transpose_pairs", "prune")
+_COUNTS = {"dedupe": "deduplicated", "fuse_siblings": "sibling matmuls fused", "sink_transposes": "transposes sunk",
+           "transpose_pairs": "transpose pairs", "prune": "pruned"}
+
+
+def optimize_graph(model: onnx.ModelProto, skip: Collection[str] = ()) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """dedupe, fuse_siblings, sink_transposes, transpose_pairs and prune, in that order, but those named in
+    ``skip``; returns the model and the counts (0 for a skipped pass).
+
+    Raises:
+        ExportError: a name in ``skip`` is not one of `PASSES`.
+    """
+    unknown = sorted(set(skip) - set(PASSES))
+    if unknown:
+        raise ExportError(f"graph passes {unknown} are unknown; valid: {', '.join(PASSES)}")
+    counts = {}
+    for name in PASSES:
+        count = 0
+        if name not in skip:
+            model, count = _FUNCTIONS[name](model)
+        counts[_COUNTS[name]] = count
+    return model, counts
+
+
+_FUNCTIONS = {"dedupe": dedupe, "fuse_siblings": fuse_siblings, "sink_transposes": sink_transposes,
+              "transpose_pairs": transpose_pairs, "prune": prune}
 
 
 def _fresh(name: str, taken: set) -> str:

@@ -158,6 +158,14 @@ def test_transposes_stay_where_sinking_would_change_the_result(why, kwargs):
     assert sink_transposes(model)[1] == 0, why
 
 
+def test_passes_can_be_skipped_by_name():
+    model = _ffn_graph()
+    _, counts = optimize_graph(model, skip=("sink_transposes",))
+    assert counts["transposes sunk"] == 0 and counts["transpose pairs"] == 0
+    with pytest.raises(einfx.errors.ExportError, match=r"\['sink'\] are unknown; valid: dedupe, fuse_siblings"):
+        optimize_graph(model, skip=("sink",))
+
+
 def test_siblings_need_the_same_leading_operand_shape():
     """x @ W (24, 3) and x @ V (1, 24, 3) broadcast differently: they stay apart; an activation operand too."""
     w = numpy_helper.from_array(np.ones((24, 3), np.float32), "w")
