@@ -6,11 +6,11 @@
     fuse_siblings     MatMuls that read the same activation against constant right operands of the same batch
                       and contraction sizes become one MatMul against the operands concatenated on the last
                       axis, then a Split: q/k/v (or LLaMA's gate/up) run one GEMM instead of three
-    prune             drop nodes and initializers nothing reads
     sink_transposes   a layer's output Transpose moved across the reshapes and elementwise ops that lead to
                       the next layer (fc1 -> bias -> GELU -> fc2): the ops run in the layer's own layout
                       (constants rearranged to match) and the Transpose meets the next layer's input one
     transpose_pairs   Transpose followed by Transpose becomes one Transpose, or nothing when they cancel
+    prune             drop nodes and initializers nothing reads
 
 Constant right operands are evaluated with numpy through the weight-side ops the exporter emits (Reshape,
 Transpose, Identity, Cast, Constant), so the fused operand is a single pre-arranged initializer. Every
@@ -34,6 +34,10 @@ __all__ = ["optimize_graph", "PASSES", "dedupe", "fuse_siblings", "prune", "sink
 
 # a constant input this small is compared by value in dedupe (shapes, axes, perms), larger ones by name
 _SMALL = 64
+
+
+def _perm(node: onnx.NodeProto) -> list[int] | None:
+    return next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
 
 
 def constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
@@ -180,8 +184,7 @@ def transpose_pairs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         if inner is None or inner.op_type != "Transpose" or readers[inner.output[0]] != 1 \
                 or inner.output[0] in outputs:
             continue
-        p = next((list(a.ints) for a in inner.attribute if a.name == "perm"), None)
-        q = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        p, q = _perm(inner), _perm(node)
         if p is None or q is None or len(p) != len(q):
             continue
         composed = [p[i] for i in q]
@@ -205,10 +208,6 @@ def transpose_pairs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 # rearrangement of the entries, so a Transpose can move across them
 _ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Gelu", "Erf", "Tanh", "Sigmoid", "Relu", "Sqrt", "Neg", "Exp",
                 "Cast", "Identity", "Abs", "Softplus", "HardSigmoid", "LeakyRelu", "Elu", "Selu"}
-
-
-def _perm(node: onnx.NodeProto) -> list[int] | None:
-    return next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
 
 
 def _reshape_target(node: onnx.NodeProto | None, values: dict[str, np.ndarray]) -> list[int] | None:
@@ -263,6 +262,7 @@ def sink_transposes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         r1 = chain[-1]
         p = _perm(t_node)
         inverse = list(np.argsort(p))
+        t_shape = [x_shape[q] for q in p]
         x = t_node.input[0]
         for node in region:
             relaid.update(node.output)
@@ -275,7 +275,6 @@ def sink_transposes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
                     node.input[i] = new
                 elif name in values and values[name].size > 1:
                     c = values[name]
-                    t_shape = [x_shape[q] for q in p]
                     shaped = c.reshape([1] * axis + [int(d) for d in t_shape[axis:]])
                     new = _fresh(f"{name}_sunk", existing)
                     graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(
@@ -297,8 +296,8 @@ def sink_transposes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 
 
 def _sinkable(t_node, values, producer, readers, outputs):
-    """(the reshapes after the Transpose, region nodes, r2, x's shape with -1 for its unknown axis, first axis of t the constants span) when
-    ``t_node`` starts the pattern of `sink_transposes`, else None."""
+    """When ``t_node`` starts the pattern of `sink_transposes`: (the reshapes after it, the region's nodes, r2,
+    x's shape with -1 for its unknown axis, the first axis of t that the constants span); else None."""
     if t_node.op_type != "Transpose" or _perm(t_node) is None or t_node.output[0] in outputs:
         return None
     x_shape = _reshape_target(producer.get(t_node.input[0]), values)
@@ -385,9 +384,11 @@ def prune(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     return model, dropped
 
 
-PASSES = ("dedupe", "fuse_siblings", "sink_transposes", "transpose_pairs", "prune")
-_COUNTS = {"dedupe": "deduplicated", "fuse_siblings": "sibling matmuls fused", "sink_transposes": "transposes sunk",
-           "transpose_pairs": "transpose pairs", "prune": "pruned"}
+# the passes in the order optimize_graph runs them, each with the name of its count in the report
+_PASSES = {"dedupe": (dedupe, "deduplicated"), "fuse_siblings": (fuse_siblings, "sibling matmuls fused"),
+           "sink_transposes": (sink_transposes, "transposes sunk"),
+           "transpose_pairs": (transpose_pairs, "transpose pairs"), "prune": (prune, "pruned")}
+PASSES = tuple(_PASSES)
 
 
 def optimize_graph(model: onnx.ModelProto, skip: Collection[str] = ()) -> tuple[onnx.ModelProto, dict[str, int]]:
@@ -401,16 +402,12 @@ def optimize_graph(model: onnx.ModelProto, skip: Collection[str] = ()) -> tuple[
     if unknown:
         raise ExportError(f"graph passes {unknown} are unknown; valid: {', '.join(PASSES)}")
     counts = {}
-    for name in PASSES:
+    for name, (rewrite, label) in _PASSES.items():
         count = 0
         if name not in skip:
-            model, count = _FUNCTIONS[name](model)
-        counts[_COUNTS[name]] = count
+            model, count = rewrite(model)
+        counts[label] = count
     return model, counts
-
-
-_FUNCTIONS = {"dedupe": dedupe, "fuse_siblings": fuse_siblings, "sink_transposes": sink_transposes,
-              "transpose_pairs": transpose_pairs, "prune": prune}
 
 
 def _fresh(name: str, taken: set) -> str:

@@ -237,7 +237,9 @@ def probe_batches(data: Sequence, count: int = PROBE_BATCHES) -> list:
     n = len(data)
     if n <= count:
         return list(data)
-    return [data[round(i * (n - 1) / (count - 1))] for i in range(count)] if count > 1 else [data[0]]
+    if count == 1:
+        return [data[0]]
+    return [data[round(i * (n - 1) / (count - 1))] for i in range(count)]
 
 
 def _covariances(model: nn.Module, names: list[str], data) -> dict[str, torch.Tensor]:
