@@ -5,7 +5,8 @@ that the already-structured model gives it.
         stream the calibration batches through the current model and the original; accumulate C̃ = X̃ᵀX̃ and
         K = X̃ᵀX of the group's inputs (X̃ structured, X original; padding positions left out where the batch
         has an attention_mask), stopping each forward pass as soon as the group's inputs are seen;
-        fit each layer with `project_on_data` to min ‖Ŵ X̃ᵀ − W Xᵀ‖ and swap it into the model
+        fit each layer with `project_on_data` to min ‖Ŵ X̃ᵀ − W Xᵀ‖ (weighed by the layer's output metric G,
+        `einfx.rewriter.sensitivity`, when the policy's fit_objective is "output") and swap it into the model
 
 Memory holds one covariance per layer of the current group, never the data. Layers that are not plain
 module sites (attention decompositions, BTT-MoE, dense) are built as `build_layer` builds them.
@@ -103,13 +104,17 @@ def _statistics(model, reference, names: list[str], data) -> dict[str, tuple[tor
 
 @torch.no_grad()
 def fit_on_data(model: nn.Module, decisions: Sequence[Decision], init: str, data: Sequence, order: Sequence[str],
-                reference: nn.Module | None = None) -> tuple[dict[str, EinsumLinear], dict[str, str]]:
+                reference: nn.Module | None = None, out_metrics: dict[str, torch.Tensor] | None = None
+                ) -> tuple[dict[str, EinsumLinear], dict[str, str]]:
     """Structure ``model`` in place; data-aware layers fitted in ``order`` (module names, execution order).
 
     With ``reference`` (the original model, same module names), each layer is fitted to reproduce the
     original layer's output on the original's inputs from the inputs the structured model gives it:
     min Σ‖Ŵ x̃ − W x‖², that is the projection of W' = W Kᵀ C̃⁻¹ (ridge-regularized towards W) under C̃, so upstream errors are corrected
     rather than carried along. Without it, min Σ‖(W − Ŵ) x̃‖².
+
+    With ``out_metrics`` (per layer name, its output metric G from `einfx.rewriter.sensitivity`), each error
+    is weighed by what the model's main output sees of it: min Σ (Ŵ x̃ − W x)ᵀ G (Ŵ x̃ − W x).
 
     Returns the built layers by name and, for the data-aware ones, how each was fitted.
     """
@@ -130,8 +135,11 @@ def fit_on_data(model: nn.Module, decisions: Sequence[Decision], init: str, data
             for d in group:
                 name = d.candidate.name
                 gram, cross, rows = stats[name]
-                layer = _fit(model, d, gram / max(rows, 1), None if cross is None else cross / max(rows, 1))
+                g = (out_metrics or {}).get(name)
+                layer = _fit(model, d, gram / max(rows, 1), None if cross is None else cross / max(rows, 1), g)
                 target = "the original's outputs" if cross is not None else "its own outputs"
+                if g is not None:
+                    target += " as the model's output sees them"
                 notes[name] = f"fitted to {target} on {rows:,} calibration inputs ({layer.einfx_fit})"
                 _set(model, name, layer)
                 built[name] = layer
@@ -155,7 +163,8 @@ def _group(model, remaining: list[Decision], batch) -> list[Decision]:
                                                                   == key)]
 
 
-def _fit(model, d: Decision, cov: torch.Tensor, cross: torch.Tensor | None) -> EinsumLinear:
+def _fit(model, d: Decision, cov: torch.Tensor, cross: torch.Tensor | None, out_metric: torch.Tensor | None = None
+         ) -> EinsumLinear:
     cand = d.candidate
     w = weight_of(model, cand).detach()
     b = model.get_parameter(cand.bias).detach() if cand.bias else None
@@ -171,7 +180,8 @@ def _fit(model, d: Decision, cov: torch.Tensor, cross: torch.Tensor | None) -> E
         # a ridge regression pulled towards W (not 0), so that W' = W exactly when the inputs are unchanged
         wt = w.double().T
         target = torch.linalg.solve(cov, cross @ wt + ridge * wt).T.to(w.dtype)
-    p = project_on_data(target, cov.to(w.device), d.structure, layer.sizes, name=cand.name)
+    g = None if out_metric is None else out_metric.to(w.device)
+    p = project_on_data(target, cov.to(w.device), d.structure, layer.sizes, name=cand.name, out_metric=g)
     for key, core in p.cores.items():
         getattr(layer, key).copy_(core)
     layer.projection_error = float(p.rel_error)

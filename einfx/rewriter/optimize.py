@@ -32,10 +32,11 @@ from einfx.rewriter.report import Report, Row
 from einfx.rewriter.substitute import structure_linears, structure_modules, weight_of
 from einfx.rewriter.captured import behave_like
 from einfx.rewriter.fidelity import fidelity
-from einfx.rewriter.fit import fit_on_data
+from einfx.rewriter.fit import data_aware, fit_on_data
 from einfx.rewriter.policy import format_unmatched
 from einfx.rewriter.record import record, record_candidates
 from einfx.rewriter.search import describe as describe_search, search
+from einfx.rewriter.sensitivity import output_metrics
 from einfx.rewriter.saved import is_hf_model, manifest
 from einfx.rewriter.trace import FRONTENDS, capture
 from einfx.structures.sizes import Sizes
@@ -189,6 +190,15 @@ def _keep(decisions, names: set[str], why: str):
     return [Decision(d.candidate, False, why) if d.candidate.name in names else d for d in decisions]
 
 
+def _output_metrics(work: nn.Module, decisions, policy: Policy, data) -> dict | None:
+    """The output metric G of every layer fitted to data, on the still-dense model; ``None`` when the policy
+    fits each layer's own output."""
+    if policy.fit_objective != "output":
+        return None
+    names = [d.candidate.name for d in decisions if data_aware(d)]
+    return output_metrics(work, names, data) if names else None
+
+
 def _example(data: list):
     """(args, kwargs) of the first data batch, as an example input."""
     first = data[0]
@@ -227,6 +237,7 @@ def optimize_with_report(model: nn.Module, policy, example_inputs=None, verify: 
                                 weight_of=functools.partial(weight_of, work))
     functional = {d.candidate.name for d in decisions if d.accepted and d.candidate.site == "function"}
     searched: dict = {}
+    metrics = None
     skipped_search = None
     if searching and functional:
         # the search fits module sites; a model with functional sites keeps the rank planner (graph path below)
@@ -234,7 +245,8 @@ def optimize_with_report(model: nn.Module, policy, example_inputs=None, verify: 
         skipped_search = (f"not run: {len(functional)} functional site(s) are rewritten in a captured graph, where "
                           "the rank planner meets the budget on weight-space errors")
     elif searching:
-        decisions, outcome, searched = search(work, decisions, policy, data)
+        metrics = _output_metrics(work, decisions, policy, data)
+        decisions, outcome, searched = search(work, decisions, policy, data, out_metrics=metrics)
     cap = None
     notes: dict[str, str] = {}
     if functional:
@@ -264,7 +276,10 @@ def optimize_with_report(model: nn.Module, policy, example_inputs=None, verify: 
     else:
         module = work
         if data is not None and policy.init == "project":
-            layers, notes = fit_on_data(work, decisions, policy.init, data, order, reference=model)
+            if metrics is None:
+                metrics = _output_metrics(work, decisions, policy, data)
+            layers, notes = fit_on_data(work, decisions, policy.init, data, order, reference=model,
+                                        out_metrics=metrics)
         else:
             layers = structure_modules(work, decisions, policy.init)
         module.train(model.training)

@@ -30,10 +30,11 @@ from einfx.structures.structure import Structure
 __all__ = ["Policy", "Rule", "Budget", "Selection", "INITS", "BUDGET_METRICS", "FALLBACKS", "format_unmatched"]
 
 INITS = ("project", "random")
+FIT_OBJECTIVES = ("output", "layer")
 BUDGET_METRICS = ("flops", "params")
 FALLBACKS = ("none", "module")
 _POLICY_KEYS = ("default", "rules", "exclude", "min_features", "init", "budget", "fallback", "fold_to_dense",
-                "candidates")
+                "candidates", "fit_objective")
 _RULE_KEYS = ("pattern", "structure", "module_type")
 _GLOB_CHARS = set("*?[")
 
@@ -202,6 +203,10 @@ class Policy:
             ranks, a `Structure` or a spec with a rank exactly as given; empty: low_rank, btt, monarch,
             tensor_train and kronecker. The structure a layer's rule or ``default`` gives is the search's
             starting point and one more candidate, not a restriction.
+        fit_objective: with ``data=`` and ``init="project"``, what each layer's fit and the search's errors
+            minimize: ``"output"`` (default), the layer's output error as the model's main output sees it
+            (weighed by E[JᵀJ], `einfx.rewriter.sensitivity`; one backward pass per calibration batch), or
+            ``"layer"``, the layer's own output error.
     """
 
     default: Any = None
@@ -213,6 +218,7 @@ class Policy:
     fallback: str = "none"
     fold_to_dense: bool = True
     candidates: Sequence[Any] = ()
+    fit_objective: str = "output"
 
     def __post_init__(self):
         if self.default is not None:
@@ -240,6 +246,8 @@ class Policy:
             raise PolicyError(f"min_features must be an integer >= 0, got {self.min_features!r}")
         if self.init not in INITS:
             raise PolicyError(f"init {self.init!r} is unknown; valid: {', '.join(INITS)}")
+        if self.fit_objective not in FIT_OBJECTIVES:
+            raise PolicyError(f"fit_objective {self.fit_objective!r} is unknown; valid: {', '.join(FIT_OBJECTIVES)}")
         if self.fallback not in FALLBACKS:
             raise PolicyError(f"fallback {self.fallback!r} is unknown; valid: {', '.join(FALLBACKS)}")
         if not isinstance(self.fold_to_dense, bool):
@@ -302,6 +310,7 @@ class Policy:
             "fallback": self.fallback,
             "fold_to_dense": self.fold_to_dense,
             "candidates": [c.to_dict() if isinstance(c, Structure) else c for c in self.candidates],
+            "fit_objective": self.fit_objective,
         }
 
     # -- feedback -------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@ so that the model's output moves as little as possible while the layers fit a gl
 
     covariances C of every layer's inputs on the original model (one streaming pass)
       -> per layer, the options: dense + each candidate family at several ranks, each cheaper than dense,
-         each with its measured data-aware error e = sqrt(tr(ΔW C ΔWᵀ) / tr(W C Wᵀ))
+         each with its measured data-aware error e = sqrt(tr(G ΔW C ΔWᵀ) / tr(G W C Wᵀ)), G the layer's output
+         metric (`einfx.rewriter.sensitivity`; the identity when the policy fits each layer's own output)
          (low-rank: every rank at once from one whitened SVD, exact; the others: `project_on_data`)
       -> per layer, its sensitivity s: the model's relative squared output error when only this layer carries
          the error of one probe option, divided by that option's e² (a forward pass per layer)
@@ -30,7 +31,7 @@ from einfx.rewriter.decide import BudgetOutcome, Decision
 from einfx.rewriter.fidelity import batch_mask, call
 from einfx.rewriter.fit import DAMPENING, _statistics, data_aware
 from einfx.rewriter.substitute import weight_of
-from einfx.structures.calibrated import _fold as fold_cores, project_on_data
+from einfx.structures.calibrated import _fold as fold_cores, low_rank_on_data, metric_root, project_on_data
 from einfx.structures.sizes import Sizes
 from einfx.structures.structure import Structure
 
@@ -126,19 +127,22 @@ def _structures(families: Sequence[_Family], start: Structure | None, d_in: int,
     return out
 
 
-def _low_rank_errors(w: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+def _low_rank_errors(w: torch.Tensor, cov: torch.Tensor, out_metric: torch.Tensor | None = None) -> torch.Tensor:
     """Relative data-aware error of the best rank-r approximation for r = 0..min(d_in, d_out): from the
-    singular values of W L (C = L Lᵀ), exact because the whitened truncation is optimal."""
+    singular values of Rᵀ W L (C = L Lᵀ, G = R Rᵀ), exact because the whitened truncation is optimal."""
     L = torch.linalg.cholesky(cov)
-    s2 = torch.linalg.svdvals(w.double() @ L).square()
+    white = w.double() @ L
+    if out_metric is not None:
+        white = metric_root(out_metric).T @ white
+    s2 = torch.linalg.svdvals(white).square()
     total = float(s2.sum())
     tail = torch.flip(torch.cumsum(torch.flip(s2, [0]), 0), [0])  # tail[r] = Σ_{i>=r} σ_i²
     tail = torch.cat([tail, tail.new_zeros(1)])
     return (tail / total).clamp_min(0).sqrt() if total > 0 else torch.zeros_like(tail)
 
 
-def _option_errors(w: torch.Tensor, cov: torch.Tensor, choices, costs: list[float], target: float, name: str
-                   ) -> list[tuple[float, torch.Tensor | None] | None]:
+def _option_errors(w: torch.Tensor, cov: torch.Tensor, choices, costs: list[float], target: float, name: str,
+                   out_metric: torch.Tensor | None = None) -> list[tuple[float, torch.Tensor | None] | None]:
     """Per (structure, sizes): its data-aware error and, for the block families, the fitted Ŵ (low-rank: None,
     rebuilt on demand); ``None`` for an option left out because its family is dominated at this layer.
 
@@ -146,7 +150,7 @@ def _option_errors(w: torch.Tensor, cov: torch.Tensor, choices, costs: list[floa
     at one probe rank, the one whose cost is nearest ``target``; when low-rank is a candidate too and reaches a
     lower error at no more cost, the family is dominated here and its other ranks are not fitted.
     """
-    low = _low_rank_errors(w, cov) if any(s.kind == "low_rank" for s, _ in choices) else None
+    low = _low_rank_errors(w, cov, out_metric) if any(s.kind == "low_rank" for s, _ in choices) else None
     out: list = [None] * len(choices)
     families: dict[tuple, list[int]] = {}
     for j, (s, z) in enumerate(choices):
@@ -158,7 +162,7 @@ def _option_errors(w: torch.Tensor, cov: torch.Tensor, choices, costs: list[floa
 
     def measure(j):
         s, z = choices[j]
-        p = project_on_data(w, cov, s, z, name=name, sweeps=SEARCH_SWEEPS)
+        p = project_on_data(w, cov, s, z, name=name, sweeps=SEARCH_SWEEPS, out_metric=out_metric)
         out[j] = (float(p.rel_error), _fold(p, z))
 
     for members in families.values():
@@ -176,11 +180,10 @@ def _fold(projection, z: Sizes) -> torch.Tensor:
     return fold_cores(projection.cores["A"].double(), projection.cores["B"].double(), z)[: z.d_out, : z.d_in]
 
 
-def _low_rank_approx(w: torch.Tensor, cov: torch.Tensor, rank: int) -> torch.Tensor:
-    L = torch.linalg.cholesky(cov)
-    u, s, vh = torch.linalg.svd(w.double() @ L, full_matrices=False)
-    white = (u[:, :rank] * s[:rank]) @ vh[:rank]
-    return torch.linalg.solve_triangular(L, white, upper=False, left=False)
+def _low_rank_approx(w: torch.Tensor, cov: torch.Tensor, rank: int, out_metric: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+    left, right = low_rank_on_data(w, cov, rank, out_metric)
+    return left @ right
 
 
 class _Perturb:
@@ -252,8 +255,8 @@ def _covariances(model: nn.Module, names: list[str], data) -> dict[str, torch.Te
 
 
 @torch.no_grad()
-def search(model: nn.Module, decisions: Sequence[Decision], policy, data: Sequence, progress=None
-           ) -> tuple[list[Decision], BudgetOutcome, dict[str, LayerSearch]]:
+def search(model: nn.Module, decisions: Sequence[Decision], policy, data: Sequence, progress=None,
+           out_metrics: dict[str, torch.Tensor] | None = None) -> tuple[list[Decision], BudgetOutcome, dict[str, LayerSearch]]:
     """Choose per layer among dense and the policy's candidate structures under ``policy.budget``.
 
     Args:
@@ -264,6 +267,8 @@ def search(model: nn.Module, decisions: Sequence[Decision], policy, data: Sequen
             candidate too (the starting point).
         data: calibration batches.
         progress: an optional callable ``progress(done, total, what)``.
+        out_metrics: per layer name, its output metric G (`einfx.rewriter.sensitivity.output_metrics`): the
+            options' errors are measured under it; a layer without one is measured on its own output.
 
     Returns:
         (decisions with the chosen structures, kept-dense layers as not accepted with the search's reason;
@@ -289,7 +294,7 @@ def search(model: nn.Module, decisions: Sequence[Decision], policy, data: Sequen
             if progress is not None:
                 progress(i, len(searched), d.candidate.name)
             per_layer[d.candidate.name] = _weigh(model, d, covs.pop(d.candidate.name), families, metric, fraction,
-                                                 probe, reference)
+                                                 probe, reference, (out_metrics or {}).get(d.candidate.name))
             ls = per_layer[d.candidate.name]
             layers.append(LayerOptions(ls.name, ls.dense_cost, tuple(
                 Option(j, o.cost, o.loss) for j, o in enumerate(ls.options))))
@@ -324,15 +329,15 @@ def search(model: nn.Module, decisions: Sequence[Decision], policy, data: Sequen
     return out, outcome, per_layer
 
 
-def _weigh(model, d: Decision, cov: torch.Tensor, families, metric: str, fraction: float, probe, reference
-           ) -> LayerSearch:
+def _weigh(model, d: Decision, cov: torch.Tensor, families, metric: str, fraction: float, probe, reference,
+           out_metric: torch.Tensor | None = None) -> LayerSearch:
     cand = d.candidate
     w = weight_of(model, cand).detach().double()
     dense_sizes = Sizes.for_dense(cand.d_in, cand.d_out)
     dense_cost = option_cost(dense_sizes, metric)
     choices = _structures(families, d.structure, cand.d_in, cand.d_out, cand.name, metric)
     costs = [option_cost(z, metric) for _, z in choices]
-    errors = _option_errors(w, cov, choices, costs, fraction * dense_cost, cand.name)
+    errors = _option_errors(w, cov, choices, costs, fraction * dense_cost, cand.name, out_metric)
     sensitivity = 0.0
     if choices:
         # the probe: the measured option whose cost is nearest the budget's share of this layer
@@ -340,7 +345,7 @@ def _weigh(model, d: Decision, cov: torch.Tensor, families, metric: str, fractio
                 key=lambda j: abs(costs[j] - fraction * dense_cost))
         error, approx = errors[k]
         if approx is None:
-            approx = _low_rank_approx(w, cov, choices[k][1].rho)
+            approx = _low_rank_approx(w, cov, choices[k][1].rho, out_metric)
         delta = (approx - w).to(weight_of(model, cand).dtype)
         sensitivity = _sensitivity(model, cand.name, delta, error, probe, reference)
     options = [SearchChoice(s, z, c, e[0], sensitivity * e[0] ** 2)

@@ -18,6 +18,13 @@ not ‖W − Ŵ‖. Indices as in `einfx.structures.functional`: W[(φ,ε,δ), (
    returned, so it is never worse than the weight-only projection on the calibration data.
 
 For white inputs (C ∝ I) steps 1 and 3 give the weight-only projection.
+
+Output metric. A layer's output errors do not all matter equally to the model: with G (d_out × d_out) the
+expected JᵀJ of the model's output with respect to the layer's output (K-FAC's output factor, see
+`einfx.rewriter.sensitivity`), the error the model sees is tr(G (W − Ŵ) C (W − Ŵ)ᵀ). For a single low-rank
+block the optimum is again closed form: with G = R Rᵀ, Ŵ = R⁻ᵀ [Rᵀ W L]_r L⁻¹. The block families are fitted
+on C alone (their least-squares updates are row-separable only when G is the identity) and their error is
+reported under G, so that every option of a layer is compared on the same objective.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from einfx.errors import ProjectionError, WeightError
 from einfx.structures.projection import Projection, project
 from einfx.structures.sizes import Sizes
 
-__all__ = ["project_on_data", "calibration_error", "RIDGE", "MAX_SWEEPS"]
+__all__ = ["project_on_data", "calibration_error", "low_rank_on_data", "metric_root", "RIDGE", "MAX_SWEEPS"]
 
 # Relative ridge added to the covariance (times its mean diagonal) so that Cholesky and the normal equations
 # stay well posed for rank-deficient inputs (and padded input features, whose covariance is zero).
@@ -38,12 +45,53 @@ MAX_SWEEPS = 6
 SWEEP_RTOL = 1e-4
 
 
-def calibration_error(weight: torch.Tensor, approx: torch.Tensor, cov: torch.Tensor) -> float:
-    """Relative data-aware error sqrt(tr(ΔW C ΔWᵀ) / tr(W C Wᵀ)) (0 for a weight the data does not see)."""
+def calibration_error(weight: torch.Tensor, approx: torch.Tensor, cov: torch.Tensor,
+                      out_metric: torch.Tensor | None = None) -> float:
+    """Relative data-aware error sqrt(tr(G ΔW C ΔWᵀ) / tr(G W C Wᵀ)) (G = I without ``out_metric``; 0 for a
+    weight the data does not see)."""
     w, d, c = weight.double(), (weight - approx).double(), cov.double()
-    num = float(((d @ c) * d).sum())
-    den = float(((w @ c) * w).sum())
+    g = None if out_metric is None else out_metric.double()
+
+    def form(m):
+        mc = m @ c
+        if g is not None:
+            mc = g[:, None] * mc if g.dim() == 1 else g @ mc
+        return float((mc * m).sum())
+
+    num, den = form(d), form(w)
     return (max(num, 0.0) / den) ** 0.5 if den > 0 else 0.0
+
+
+def metric_root(out_metric: torch.Tensor) -> torch.Tensor:
+    """R with G + εI = R Rᵀ (lower Cholesky, a relative ridge for outputs the model ignores), float64; a
+    diagonal G (a vector) gives the diagonal matrix of its square roots."""
+    g = out_metric.double()
+    if g.dim() == 1:
+        return torch.diag((g + RIDGE * (float(g.mean()) or 1.0)).sqrt())
+    scale = float(torch.diagonal(g).mean()) or 1.0
+    return torch.linalg.cholesky(g + RIDGE * scale * torch.eye(g.shape[0], dtype=g.dtype, device=g.device))
+
+
+def low_rank_on_data(weight: torch.Tensor, cov: torch.Tensor, rank: int, out_metric: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The optimal rank-``rank`` (U, V), Ŵ = U V, of min tr(G (W − Ŵ) C (W − Ŵ)ᵀ): Ŵ = R⁻ᵀ [Rᵀ W L]_r L⁻¹
+    with C = L Lᵀ and G = R Rᵀ (G = I without ``out_metric``; a vector is a diagonal G). float64; the singular values are split evenly
+    between U (d_out × r) and V (r × d_in)."""
+    w = weight.double()
+    L = torch.linalg.cholesky(cov.double())
+    R = metric_root(out_metric) if out_metric is not None else None
+    white = w @ L if R is None else R.T @ w @ L
+    u, sv, vh = torch.linalg.svd(white, full_matrices=False)
+    k = min(rank, sv.shape[0])
+    root = sv[:k].sqrt()
+    left = u[:, :k] * root
+    if R is not None:
+        left = torch.linalg.solve_triangular(R.T, left, upper=True)
+    right = torch.linalg.solve_triangular(L, root[:, None] * vh[:k], upper=False, left=False)
+    if k < rank:  # a rank above the smaller side: the extra components are zero
+        left = torch.nn.functional.pad(left, (0, rank - k))
+        right = torch.nn.functional.pad(right, (0, 0, 0, rank - k))
+    return left, right
 
 
 def _padded(weight: torch.Tensor, cov: torch.Tensor, s: Sizes):
@@ -140,8 +188,8 @@ def _refine(w: torch.Tensor, c: torch.Tensor, A: torch.Tensor, B: torch.Tensor, 
 
 
 def project_on_data(weight: torch.Tensor, cov: torch.Tensor, structure, sizes: Sizes, name: str | None = None, *,
-                    sweeps: int = MAX_SWEEPS) -> Projection:
-    """Project ``weight`` (d_out, d_in) onto ``structure`` minimizing tr((W − Ŵ) C (W − Ŵ)ᵀ).
+                    sweeps: int = MAX_SWEEPS, out_metric: torch.Tensor | None = None) -> Projection:
+    """Project ``weight`` (d_out, d_in) onto ``structure`` minimizing tr(G (W − Ŵ) C (W − Ŵ)ᵀ).
 
     Args:
         weight: the dense weight, ``nn.Linear`` convention.
@@ -149,10 +197,13 @@ def project_on_data(weight: torch.Tensor, cov: torch.Tensor, structure, sizes: S
         structure, sizes: as for `einfx.structures.projection.project`.
         name: the layer's name, for error messages.
         sweeps: at most this many A/B refinement sweeps on the full covariance (0: the closed-form start).
+        out_metric: G, the (d_out, d_out) output metric (``None``: the identity). A single low-rank block is
+            fitted under it exactly; the other structures are fitted on C alone and measured under G.
 
     Returns:
-        A `Projection` whose ``rel_error`` is the relative data-aware error (`calibration_error`) and whose
-        ``method`` says which start won ("whitened", "weight-only") and how many sweeps refined it.
+        A `Projection` whose ``rel_error`` is the relative data-aware error (`calibration_error`, under G) and
+        whose ``method`` says which start won ("whitened", "output-whitened", "weight-only") and how many sweeps
+        refined it.
     """
     where = f"layer {name!r}: " if name else ""
     if tuple(cov.shape) != (sizes.d_in, sizes.d_in):
@@ -161,6 +212,12 @@ def project_on_data(weight: torch.Tensor, cov: torch.Tensor, structure, sizes: S
     if not torch.isfinite(cov).all():
         raise WeightError(f"{where}input covariance has non-finite entries: the calibration data produced NaN or "
                           "Inf activations")
+    if out_metric is not None and tuple(out_metric.shape) not in ((sizes.d_out, sizes.d_out), (sizes.d_out,)):
+        raise WeightError(f"{where}output metric has shape {tuple(out_metric.shape)}, expected ({sizes.d_out}, "
+                          f"{sizes.d_out}) or its diagonal ({sizes.d_out},)")
+    if out_metric is not None and not torch.isfinite(out_metric).all():
+        raise WeightError(f"{where}output metric has non-finite entries: the model's output gradients are NaN or "
+                          "Inf on the calibration data")
     plain = project(weight, structure, sizes, name=name)
     if sizes.dense:
         return plain
@@ -174,6 +231,13 @@ def project_on_data(weight: torch.Tensor, cov: torch.Tensor, structure, sizes: S
             A, B = plain.cores["A"].double().clone(), plain.cores["B"].double().clone()
             start = "weight-only"
         closed_form = sizes.gamma == 1 and sizes.beta == 1 and sizes.phi == 1 and sizes.delta == 1
+        if closed_form and out_metric is not None:
+            g = torch.zeros((w.shape[0],) * out_metric.dim(), dtype=torch.float64, device=w.device)
+            g[(slice(0, sizes.d_out),) * out_metric.dim()] = out_metric.double()
+            left, right = low_rank_on_data(w, c, sizes.rho, g)
+            A = right.reshape(sizes.a_shape).contiguous()
+            B = left.reshape(sizes.b_shape).contiguous()
+            start = "output-whitened"
         if sweeps and not closed_form:  # a single low-rank block: the whitened truncation is already optimal
             A, B = _refine(w, c, A, B, sizes, sweeps)
             start += f"+bcd({sweeps})"
@@ -181,9 +245,9 @@ def project_on_data(weight: torch.Tensor, cov: torch.Tensor, structure, sizes: S
         raise ProjectionError(f"{where}data-aware projection onto {sizes.describe()} failed: {exc}") from exc
     real = slice(0, sizes.d_out), slice(0, sizes.d_in)
     fitted = _fold(A, B, sizes)[real]
-    ours, theirs = (calibration_error(weight, x.to(weight.dtype), cov) for x in (fitted, plain_w[real]))
+    ours, theirs = (calibration_error(weight, x.to(weight.dtype), cov, out_metric) for x in (fitted, plain_w[real]))
     if theirs <= ours:
         return Projection(plain.cores, theirs, "weight-only (no better on the data)")
     cores = {"A": A.to(weight.dtype), "B": B.to(weight.dtype)}
     return Projection(cores, calibration_error(weight, _fold(cores["A"].double(), cores["B"].double(),
-                                                              sizes)[real].to(weight.dtype), cov), start)
+                                                              sizes)[real].to(weight.dtype), cov, out_metric), start)

@@ -115,6 +115,14 @@ def test_low_rank_errors_are_exact_for_every_rank():
 
     for r in (1, 4, 7):
         assert calibration_error(w, _low_rank_approx(w, c, r), c) == pytest.approx(float(errors[r]), rel=1e-9)
+    m = torch.randn(12, 12, dtype=torch.float64)
+    g = m @ m.T / 12  # an output metric: the errors and the approximations are those under G
+    errors = _low_rank_errors(w, c, g)
+    assert errors[0] == pytest.approx(1.0) and errors[10] == pytest.approx(0.0, abs=1e-6)
+    for r in (1, 4, 7):
+        approx = _low_rank_approx(w, c, r, g)
+        assert calibration_error(w, approx, c, g) == pytest.approx(float(errors[r]), rel=1e-5)
+        assert calibration_error(w, approx, c, g) < calibration_error(w, _low_rank_approx(w, c, r), c, g)
 
 
 def test_structure_above_dense_cost_is_reported_when_asked_for():

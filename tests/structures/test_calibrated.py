@@ -101,3 +101,68 @@ def test_padded_sizes_and_bad_covariances():
     bad[0, 0] = float("nan")
     with pytest.raises(WeightError, match="non-finite entries"):
         project_on_data(w, bad, s, sizes, name="fc")
+
+
+def _metric(d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randn(d, d, generator=g, dtype=torch.float64) * torch.logspace(0, -1.5, d, dtype=torch.float64)
+    return m @ m.T / d
+
+
+def test_output_metric_low_rank_is_the_two_sided_optimum():
+    from einfx.structures.calibrated import low_rank_on_data
+
+    torch.manual_seed(3)
+    w = torch.randn(40, 64, dtype=torch.float64)
+    cov, g = _correlated(64, 2), _metric(40, 4)
+    left, right = low_rank_on_data(w, cov, 5, g)
+    got = calibration_error(w, left @ right, cov, g)
+    # the optimum's error is the tail of the singular values of Rᵀ W L, exactly (Eckart–Young after whitening)
+    R, L = torch.linalg.cholesky(g), torch.linalg.cholesky(cov)
+    s2 = torch.linalg.svdvals(R.T @ w @ L).square()
+    assert got == pytest.approx(float((s2[5:].sum() / s2.sum()).sqrt()), rel=1e-6)
+    # strictly better under G than the input-only whitened truncation, and no nearby factors do better
+    plain_left, plain_right = low_rank_on_data(w, cov, 5)
+    assert got < 0.95 * calibration_error(w, plain_left @ plain_right, cov, g)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        du = 1e-3 * torch.randn(left.shape, generator=gen, dtype=torch.float64)
+        dv = 1e-3 * torch.randn(right.shape, generator=gen, dtype=torch.float64)
+        assert calibration_error(w, (left + du) @ (right + dv), cov, g) >= got - 1e-12
+    # G = I gives the input-only solution; a diagonal G as a vector equals the same G as a matrix
+    i_left, i_right = low_rank_on_data(w, cov, 5, torch.eye(40, dtype=torch.float64))
+    assert torch.allclose(i_left @ i_right, plain_left @ plain_right, atol=1e-8)
+    diag = torch.diagonal(g).clone()
+    v_left, v_right = low_rank_on_data(w, cov, 5, diag)
+    m_left, m_right = low_rank_on_data(w, cov, 5, torch.diag(diag))
+    assert torch.allclose(v_left @ v_right, m_left @ m_right, atol=1e-8)
+
+
+@pytest.mark.parametrize("structure", [Structure.low_rank(rank=6), Structure.btt(rank=2), Structure.monarch()],
+                         ids=lambda s: s.name)
+def test_project_on_data_reports_its_error_under_the_output_metric(structure):
+    torch.manual_seed(5)
+    sizes = structure.resolve(64, 48)
+    w, cov, g = torch.randn(48, 64, dtype=torch.float64), _correlated(64, 6), _metric(48, 7)
+    p = project_on_data(w, cov, structure, sizes, out_metric=g)
+    fitted = Fn.fold(p.cores["A"], p.cores["B"], sizes)
+    assert p.rel_error == pytest.approx(calibration_error(w, fitted, cov, g), rel=1e-9)
+    plain = project(w, structure, sizes)
+    assert p.rel_error <= calibration_error(w, Fn.fold(plain.cores["A"], plain.cores["B"], sizes), cov, g) + 1e-12
+    if structure.kind == "low_rank":
+        assert p.method == "output-whitened"
+        q = project_on_data(w, cov, structure, sizes)  # fitted on C alone, measured under G: worse
+        assert p.rel_error < 0.95 * calibration_error(w, Fn.fold(q.cores["A"], q.cores["B"], sizes), cov, g)
+
+
+def test_output_metric_of_the_wrong_shape_is_refused():
+    s = Structure.low_rank(rank=4)
+    sizes = s.resolve(64, 48)
+    w, cov = torch.randn(48, 64, dtype=torch.float64), _correlated(64, 1)
+    with pytest.raises(WeightError, match=r"layer 'fc': output metric has shape \(64, 64\), expected \(48, 48\) or "
+                                          r"its diagonal \(48,\)"):
+        project_on_data(w, cov, s, sizes, name="fc", out_metric=torch.eye(64, dtype=torch.float64))
+    bad = torch.eye(48, dtype=torch.float64)
+    bad[0, 0] = float("nan")
+    with pytest.raises(WeightError, match="layer 'fc': output metric has non-finite entries"):
+        project_on_data(w, cov, s, sizes, name="fc", out_metric=bad)
