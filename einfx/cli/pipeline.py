@@ -160,6 +160,8 @@ def convert_one(spec: ModelSpec, policy: str, out_dir: str, dtype: str = "float3
             "runtime": runtime,
             "tuned": {name: t.describe() for name, t in (getattr(exported, "tuned", None) or {}).items()},
             "graph_rewrites": dict(getattr(exported, "rewrites", {}) or {}),
+            "graph_pass_choice": (exported.pass_choice.to_dict() if getattr(exported, "pass_choice", None)
+                                  is not None else None),
             "note": getattr(exported, "note", ""),
         },
         "latency_ms": {"torch_before": latency_before, "torch_after": latency_after,

@@ -46,6 +46,7 @@ from einfx.passes.base import run_passes
 from einfx.passes.fold import fold_modules, fold_to_dense
 from einfx.passes.lower import lower, lowerable
 from einfx.export.graph_passes import optimize_graph
+from einfx.export.pass_choice import PassChoice, choose_passes, label
 from einfx.export.runtimes import check_runtime, load
 from einfx.export.tune import TuningCache, tune_model
 from einfx.planning.profile import load_profile
@@ -82,6 +83,8 @@ class ExportReport:
         runtime: the runtime the layers were tuned for (None: planned by the cost model).
         tuned: layer name -> `einfx.export.tune.Tuned` (what was measured, and the winner) when tuned.
         rewrites: what the whole-graph passes did (`einfx.export.graph_passes.optimize_graph` counts).
+        pass_choice: with a runtime, which optional passes were timed there and left out
+            (`einfx.export.pass_choice.PassChoice`), or None.
     """
 
     path: str
@@ -103,6 +106,7 @@ class ExportReport:
     runtime: str | None = None
     tuned: dict = field(default_factory=dict)
     rewrites: dict = field(default_factory=dict)
+    pass_choice: PassChoice | None = None
 
     @property
     def verified(self) -> bool:
@@ -137,6 +141,10 @@ class ExportReport:
         done = {k: v for k, v in self.rewrites.items() if v and k != "pruned"}
         if done:
             lines.append("  graph: " + ", ".join(f"{k} {v}" for k, v in done.items()))
+        if self.pass_choice is not None and self.pass_choice.times:
+            timed = ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in self.pass_choice.times.items())
+            kept = label(self.pass_choice.skipped)
+            lines.append(f"  graph passes timed in {self.pass_choice.runtime}: {timed}; kept: {kept}")
         if self.tuned:
             dense = sum(t.dense for t in self.tuned.values())
             lines.append(f"  tuned for {self.runtime}: {len(self.tuned) - dense} structured, {dense} folded to "
@@ -325,13 +333,32 @@ def _verify(tmp_path, reference, inputs, axes, dtype, device, verify_inputs, lat
     return (sess.provider,), tuple(checks), latency, note
 
 
-def _rewrite_graph(path: str) -> dict[str, int]:
-    """`optimize_graph` on the file in place (the temporary export, before any check)."""
+def _rewrite_graph(path: str, runtime: str | None = None, feeds=None, threads: int = 0
+                   ) -> tuple[dict[str, int], PassChoice | None]:
+    """`optimize_graph` on the file in place (the temporary export, before any check); with a runtime, the
+    optional passes are kept only where they are faster there (`choose_passes` on ``feeds``)."""
     model = onnx.load(path)
-    rewritten, counts = optimize_graph(model)
+    choice = None
+    if runtime is None:
+        rewritten, counts = optimize_graph(model)
+    else:
+        rewritten, choice = choose_passes(model, runtime, feeds, threads)
+        counts = choice.counts
     if any(counts.values()):
         onnx.save(rewritten, path)
-    return counts
+    return counts, choice
+
+
+def deploy_feeds(inputs: Sequence[torch.Tensor], names: Sequence[str], axes: Mapping[int, Mapping[int, str]],
+                 tokens: int, dtype: str) -> dict[str, np.ndarray]:
+    """The example inputs repeated along the batch axis to about ``tokens`` rows (batch × sequence, or batch
+    alone for inputs without a sequence), as numpy feeds; unchanged when the batch axis is not dynamic."""
+    first = inputs[0]
+    rows = first.shape[0] * (first.shape[1] if first.dim() >= 2 and not first.is_floating_point() else 1)
+    batched = all(axes.get(i, {}).get(0) == "batch" for i in range(len(inputs)))
+    times = max(1, -(-tokens // max(int(rows), 1))) if batched else 1
+    return {name: x.repeat(times, *([1] * (x.dim() - 1))).numpy()
+            for name, x in zip(names, cast_inputs(inputs, dtype))}
 
 
 def _verify_openvino(tmp_path, reference, inputs, dtype) -> tuple[ParityCheck, ...]:
@@ -413,8 +440,11 @@ def to_onnx(module: torch.nn.Module, example_inputs, path: str | os.PathLike, dt
         threads: runtime threads for tuning (0: the runtime's default).
         tuning: the `TuningCache` to read and extend (default: the runtime's cache beside the device profile).
         graph_passes: rewrite the exported graph as a whole (`einfx.export.graph_passes`: identical nodes
-            merged, sibling MatMuls on one activation fused into one, transpose pairs cancelled); exact, and
-            verified with the rest. Skipped for weights in an external data file.
+            merged, sibling MatMuls on one activation fused into one, transposes sunk and pairs cancelled);
+            exact, and verified with the rest. With a ``runtime``, sibling fusion and transpose sinking are
+            kept only where that runtime runs the graph faster with them, timed on the example inputs repeated
+            along the batch axis to ``tokens`` rows (`einfx.export.pass_choice`). Skipped for weights in an
+            external data file.
 
     Returns:
         An `ExportReport`.
@@ -450,7 +480,10 @@ def to_onnx(module: torch.nn.Module, example_inputs, path: str | os.PathLike, dt
         with torch.no_grad():
             view(*traced)  # learns the output names of a mapping output
         _export(view, traced, axes, opset, tmp_path, use_external, what, names, view.output_names)
-        rewrites = _rewrite_graph(tmp_path) if graph_passes and not use_external else {}
+        rewrites, choice = {}, None
+        if graph_passes and not use_external:
+            feeds = deploy_feeds(inputs, names, axes, tokens, dtype) if runtime is not None else None
+            rewrites, choice = _rewrite_graph(tmp_path, runtime, feeds, threads)
         op_counts = check_onnx(tmp_path)
         providers, checks, latency, note = (), (), None, "not verified (verify=False)"
         if verify:
@@ -477,5 +510,5 @@ def to_onnx(module: torch.nn.Module, example_inputs, path: str | os.PathLike, dt
         dynamic_axes={names[i]: dict(d) for i, d in axes.items()}, op_counts=op_counts,
         file_bytes=os.path.getsize(path), data_bytes=os.path.getsize(data_path) if data_path else 0,
         passes=passes, providers=providers, checks=checks, tolerance=TOLERANCES[dtype], latency=latency,
-        note=note, runtime=runtime, tuned=tuned, rewrites=rewrites,
+        note=note, runtime=runtime, tuned=tuned, rewrites=rewrites, pass_choice=choice,
     )

@@ -22,9 +22,10 @@ For white inputs (C ∝ I) steps 1 and 3 give the weight-only projection.
 Output metric. A layer's output errors do not all matter equally to the model: with G (d_out × d_out) the
 expected JᵀJ of the model's output with respect to the layer's output (K-FAC's output factor, see
 `einfx.rewriter.sensitivity`), the error the model sees is tr(G (W − Ŵ) C (W − Ŵ)ᵀ). For a single low-rank
-block the optimum is again closed form: with G = R Rᵀ, Ŵ = R⁻ᵀ [Rᵀ W L]_r L⁻¹. The block families are fitted
-on C alone (their least-squares updates are row-separable only when G is the identity) and their error is
-reported under G, so that every option of a layer is compared on the same objective.
+block the optimum is again closed form: with G = R Rᵀ, Ŵ = R⁻ᵀ [Rᵀ W L]_r L⁻¹. The block families start from
+the whitened truncation on C and are refined under the diagonal of G (their block updates stay exact least
+squares when the output rows are only weighted; a full G would couple them); their error is reported under the
+full G, so that every option of a layer is compared on the same objective.
 """
 
 from __future__ import annotations
@@ -147,16 +148,23 @@ def _dense_copy(t: torch.Tensor) -> torch.Tensor:
     return t.new_empty(t.shape).copy_(t)
 
 
-def _refine(w: torch.Tensor, c: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: Sizes, sweeps: int):
-    """Block coordinate descent over γ on the full covariance, alternating A and B (exact block updates)."""
+def _refine(w: torch.Tensor, c: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: Sizes, sweeps: int,
+            rows: torch.Tensor | None = None):
+    """Block coordinate descent over γ on the full covariance, alternating A and B (exact block updates).
+
+    ``rows`` (φ, ε, δ): weights of the output rows (a diagonal output metric), or None for equal weights.
+    With weights, a row of A (one δ) and a row of B (one ε) each get their own normal matrix.
+    """
     f, e, d, g, b, a, r = s.phi, s.epsilon, s.delta, s.gamma, s.beta, s.alpha, s.rho
     c6 = c.reshape(g, b, a, g, b, a)
     resid = (w - _fold(A, B, s)) @ c  # E = (W − Ŵ) C, kept up to date
     E = resid.reshape(f, e, d, g, b, a)
+    flat = None if rows is None else rows.reshape(-1, 1)
 
     def objective():
         delta = w - _fold(A, B, s)
-        return float(((delta @ c) * delta).sum())
+        form = (delta @ c) * delta
+        return float((form if flat is None else flat * form).sum())
 
     best = objective()
     for _ in range(sweeps):
@@ -166,16 +174,26 @@ def _refine(w: torch.Tensor, c: torch.Tensor, A: torch.Tensor, B: torch.Tensor, 
                 Ag, Bg = A[:, :, :, k], B[:, :, :, k]                # (f, d, r, a), (f, e, r, b)
                 old = torch.einsum("ferb,fdra->fedba", Bg, Ag)
                 rc = E[:, :, :, k] + torch.einsum("fedba,bacx->fedcx", old, cg)
-                if which == "A":
+                if which == "A" and rows is None:
                     n = torch.einsum("ferb,bacx,feqc->fraqx", Bg, cg, Bg).reshape(f, r * a, r * a)
                     rhs = torch.einsum("ferb,fedba->frad", Bg, rc).reshape(f, r * a, d)
                     new_a = _solve(n, rhs).reshape(f, r, a, d).permute(0, 3, 1, 2)
-                    A[:, :, :, k] = new_a
-                    new = torch.einsum("ferb,fdra->fedba", Bg, new_a)
-                else:
+                elif which == "A":
+                    n = torch.einsum("ferb,fed,bacx,feqc->fdraqx", Bg, rows, cg, Bg).reshape(f, d, r * a, r * a)
+                    rhs = torch.einsum("ferb,fed,fedba->fdra", Bg, rows, rc).reshape(f, d, r * a, 1)
+                    new_a = _solve(n, rhs).reshape(f, d, r, a)
+                elif rows is None:
                     n = torch.einsum("fdra,bacx,fdqx->frbqc", Ag, cg, Ag).reshape(f, r * b, r * b)
                     rhs = torch.einsum("fdra,fedba->frbe", Ag, rc).reshape(f, r * b, e)
                     new_b = _solve(n, rhs).reshape(f, r, b, e).permute(0, 3, 1, 2)
+                else:
+                    n = torch.einsum("fdra,fed,bacx,fdqx->ferbqc", Ag, rows, cg, Ag).reshape(f, e, r * b, r * b)
+                    rhs = torch.einsum("fdra,fed,fedba->ferb", Ag, rows, rc).reshape(f, e, r * b, 1)
+                    new_b = _solve(n, rhs).reshape(f, e, r, b)
+                if which == "A":
+                    A[:, :, :, k] = new_a
+                    new = torch.einsum("ferb,fdra->fedba", Bg, new_a)
+                else:
                     B[:, :, :, k] = new_b
                     new = torch.einsum("ferb,fdra->fedba", new_b, Ag)
                 E -= torch.einsum("fedba,bagcx->fedgcx", new - old, c6[k])
@@ -185,6 +203,15 @@ def _refine(w: torch.Tensor, c: torch.Tensor, A: torch.Tensor, B: torch.Tensor, 
         if done:
             break
     return A, B
+
+
+def _row_weights(out_metric: torch.Tensor, s: Sizes, device) -> torch.Tensor:
+    """The diagonal of G over the padded output rows, as (φ, ε, δ) weights of mean 1 (padding: a small weight)."""
+    diag = (out_metric if out_metric.dim() == 1 else torch.diagonal(out_metric)).double().to(device)
+    scale = float(diag.mean()) or 1.0
+    rows = torch.full((s.phi * s.epsilon * s.delta,), RIDGE, dtype=torch.float64, device=device)
+    rows[: s.d_out] = diag / scale + RIDGE
+    return rows.reshape(s.phi, s.epsilon, s.delta)
 
 
 def project_on_data(weight: torch.Tensor, cov: torch.Tensor, structure, sizes: Sizes, name: str | None = None, *,
@@ -197,8 +224,9 @@ def project_on_data(weight: torch.Tensor, cov: torch.Tensor, structure, sizes: S
         structure, sizes: as for `einfx.structures.projection.project`.
         name: the layer's name, for error messages.
         sweeps: at most this many A/B refinement sweeps on the full covariance (0: the closed-form start).
-        out_metric: G, the (d_out, d_out) output metric (``None``: the identity). A single low-rank block is
-            fitted under it exactly; the other structures are fitted on C alone and measured under G.
+        out_metric: G, the (d_out, d_out) output metric or its diagonal (``None``: the identity). A single
+            low-rank block is fitted under it exactly; the other structures are refined under its diagonal
+            and measured under G.
 
     Returns:
         A `Projection` whose ``rel_error`` is the relative data-aware error (`calibration_error`, under G) and
@@ -239,8 +267,9 @@ def project_on_data(weight: torch.Tensor, cov: torch.Tensor, structure, sizes: S
             B = left.reshape(sizes.b_shape).contiguous()
             start = "output-whitened"
         if sweeps and not closed_form:  # a single low-rank block: the whitened truncation is already optimal
-            A, B = _refine(w, c, A, B, sizes, sweeps)
-            start += f"+bcd({sweeps})"
+            rows = _row_weights(out_metric, sizes, w.device) if out_metric is not None else None
+            A, B = _refine(w, c, A, B, sizes, sweeps, rows)
+            start += f"+bcd({sweeps}{', output-weighted' if rows is not None else ''})"
     except RuntimeError as exc:  # Cholesky / solve failures surface as torch linalg errors
         raise ProjectionError(f"{where}data-aware projection onto {sizes.describe()} failed: {exc}") from exc
     real = slice(0, sizes.d_out), slice(0, sizes.d_in)

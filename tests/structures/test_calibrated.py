@@ -166,3 +166,22 @@ def test_output_metric_of_the_wrong_shape_is_refused():
     bad[0, 0] = float("nan")
     with pytest.raises(WeightError, match="layer 'fc': output metric has non-finite entries"):
         project_on_data(w, cov, s, sizes, name="fc", out_metric=bad)
+
+
+@pytest.mark.parametrize("structure", [Structure.btt(rank=2), Structure.monarch(), Structure.tensor_train(rank=2)],
+                         ids=lambda s: s.name)
+def test_block_families_refine_under_a_diagonal_output_metric(structure):
+    torch.manual_seed(8)
+    sizes = structure.resolve(64, 48)
+    w, cov = torch.randn(48, 64, dtype=torch.float64), _correlated(64, 9)
+    weights = torch.logspace(-2, 1, 48, dtype=torch.float64)[torch.randperm(48)]  # rows that matter 1000x more
+    p = project_on_data(w, cov, structure, sizes, out_metric=weights)
+    q = project_on_data(w, cov, structure, sizes)  # refined on C alone
+    ours = calibration_error(w, Fn.fold(p.cores["A"], p.cores["B"], sizes), cov, weights)
+    theirs = calibration_error(w, Fn.fold(q.cores["A"], q.cores["B"], sizes), cov, weights)
+    assert p.rel_error == pytest.approx(ours, rel=1e-9)
+    assert ours < 0.9 * theirs
+    assert "output-weighted" in p.method, p.method
+    # equal weights are the unweighted refinement
+    same = project_on_data(w, cov, structure, sizes, out_metric=torch.ones(48, dtype=torch.float64))
+    assert same.rel_error == pytest.approx(q.rel_error, rel=1e-6)

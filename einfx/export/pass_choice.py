@@ -1,0 +1,90 @@
+"""Measured whole-graph passes: an optional pass stays only where it makes the graph faster in its runtime.
+
+Every pass of `einfx.export.graph_passes` is exact, but two of them trade one kernel shape for another, and
+whether that pays depends on the runtime: fusing q, k and v into one MatMul gives a wider GEMM and a Split,
+which onnxruntime ran 0.89-0.99x as fast at d = 384 (bench/results/graph_passes.md), and a sunk transpose
+changes which MatMul operand is transposed. So for a given runtime the graph is built with every pass and
+with each non-empty subset of the optional passes that did something left out (at most four graphs), each
+is compiled and timed side by side at the deployment shape (interleaved rounds, medians), and the fastest
+is kept; leaving passes out must win by `KEEP_MARGIN`, so timing noise keeps the full set.
+
+    graph, choice = choose_passes(model, "openvino", feeds)
+    choice.skipped      # ("fuse_siblings",)
+    choice.times        # {"all passes": 0.0213, "without fuse_siblings": 0.0198}
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+import onnx
+
+from einfx.export.graph_passes import _PASSES, optimize_graph
+from einfx.export.runtimes import load
+from einfx.export.tune import _median_times
+
+__all__ = ["PassChoice", "choose_passes", "OPTIONAL", "KEEP_MARGIN", "label"]
+
+# passes whose benefit depends on the runtime; the others (dedupe, transpose pairs, prune) only remove work
+OPTIONAL = ("fuse_siblings", "sink_transposes")
+# a graph with passes left out replaces the full one only when it is this much faster
+KEEP_MARGIN = 1.02
+
+
+@dataclass(frozen=True)
+class PassChoice:
+    """What was timed and kept.
+
+    Attributes:
+        runtime: where the graphs were timed.
+        skipped: the optional passes left out of the kept graph.
+        times: label (`label`) -> median seconds per run, for every graph timed.
+        counts: the kept graph's pass counts (as `optimize_graph` returns them).
+    """
+
+    runtime: str
+    skipped: tuple[str, ...]
+    times: dict = field(default_factory=dict)
+    counts: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"runtime": self.runtime, "skipped": list(self.skipped), "times_ms": {k: round(v * 1e3, 4) for k, v in
+                                                                                       self.times.items()}}
+
+
+def label(skipped: tuple[str, ...]) -> str:
+    return "all passes" if not skipped else "without " + ", ".join(skipped)
+
+
+def choose_passes(model: onnx.ModelProto, runtime: str, feeds: Mapping[str, np.ndarray], threads: int = 0, *,
+                  timer=_median_times, margin: float = KEEP_MARGIN) -> tuple[onnx.ModelProto, PassChoice]:
+    """The fastest of ``model`` rewritten with every pass and with the active optional passes left out.
+
+    Args:
+        model: the exported graph, before any whole-graph pass.
+        runtime: ``"onnxruntime"`` or ``"openvino"``.
+        feeds: input name -> array at the deployment shape (inputs the graph does not have are dropped).
+        threads: runtime threads (0: the runtime's default).
+        timer: ``timer({label: fn}) -> {label: seconds}`` (tests substitute a fake clock).
+        margin: how much faster a graph with passes left out must be to be kept.
+    """
+    full, counts = optimize_graph(model)
+    active = [name for name in OPTIONAL if counts[_PASSES[name][1]]]
+    graphs = {(): (full, counts)}
+    for k in range(1, len(active) + 1):
+        for skipped in itertools.combinations(active, k):
+            graphs[skipped] = optimize_graph(model, skip=skipped)
+    if len(graphs) == 1:
+        return full, PassChoice(runtime, (), {}, counts)
+    names = {i.name for i in model.graph.input}
+    inputs = {k: v for k, v in feeds.items() if k in names}
+    runners = {label(s): load(runtime, g, threads, spinning=False) for s, (g, _) in graphs.items()}
+    times = timer({name: (lambda r=r: r(inputs)) for name, r in runners.items()})
+    best = min(graphs, key=lambda s: times[label(s)])
+    if times[label(best)] * margin >= times[label(())]:
+        best = ()
+    graph, kept = graphs[best]
+    return graph, PassChoice(runtime, best, times, kept)

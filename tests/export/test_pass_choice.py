@@ -1,0 +1,84 @@
+"""Measured whole-graph passes (einfx.export.pass_choice): an optional pass that the runtime runs slower is
+left out, noise within the margin keeps every pass, the kept graph is exact, the export reports the choice."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import einfx
+from einfx import Structure
+from einfx.export.graph_passes import optimize_graph
+from einfx.export.pass_choice import KEEP_MARGIN, choose_passes
+from einfx.export.runtimes import load
+
+from tests.export.test_graph_passes import _ops, _random_graph
+
+X = np.random.default_rng(0).standard_normal((5, 4, 6)).astype(np.float32)
+
+
+def _clock(seconds: dict):
+    """A fake timer: each label's time as given (1.0 for labels not listed); records what it was asked."""
+    asked = []
+
+    def timer(fns):
+        asked.append(sorted(fns))
+        for fn in fns.values():
+            fn()  # the runners do run
+        return {k: seconds.get(k, 1.0) for k in fns}
+    return timer, asked
+
+
+def test_a_pass_the_runtime_runs_slower_is_left_out_and_the_graph_stays_exact():
+    model = _random_graph(1)
+    timer, asked = _clock({"all passes": 1.0, "without fuse_siblings": 0.8})
+    graph, choice = choose_passes(model, "onnxruntime", {"x": X, "unused": X}, timer=timer)
+    assert asked == [["all passes", "without fuse_siblings"]]  # sinking found nothing here: not timed
+    assert choice.skipped == ("fuse_siblings",) and choice.counts["sibling matmuls fused"] == 0
+    assert choice.counts["transpose pairs"] == 3 and _ops(graph)["MatMul"] == 3
+    expected = load("onnxruntime", model)({"x": X})[0]
+    np.testing.assert_allclose(load("onnxruntime", graph)({"x": X})[0], expected, rtol=1e-5)
+    assert choice.to_dict() == {"runtime": "onnxruntime", "skipped": ["fuse_siblings"],
+                                "times_ms": {"all passes": 1000.0, "without fuse_siblings": 800.0}}
+
+
+def test_a_gain_within_the_margin_keeps_every_pass():
+    model = _random_graph(2)
+    timer, _ = _clock({"all passes": 1.0, "without fuse_siblings": 1.0 / KEEP_MARGIN + 1e-3})
+    graph, choice = choose_passes(model, "onnxruntime", {"x": X}, timer=timer)
+    assert choice.skipped == () and choice.counts == optimize_graph(model)[1]
+    assert _ops(graph)["MatMul"] == 1
+
+
+def test_nothing_is_timed_when_no_optional_pass_applies():
+    model = _random_graph(3, siblings=1)
+    timer, asked = _clock({})
+    graph, choice = choose_passes(model, "onnxruntime", {"x": X}, timer=timer)
+    assert asked == [] and choice.times == {} and choice.skipped == ()
+
+
+@pytest.mark.slow
+def test_export_for_a_runtime_reports_the_passes_it_timed(tmp_path, monkeypatch):
+    from transformers import BertConfig, BertModel
+
+    monkeypatch.setenv("EINFX_CACHE_DIR", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=256,
+                     vocab_size=100, max_position_embeddings=32)
+    model = BertModel(cfg).eval()
+    ids = torch.randint(0, 100, (2, 12))
+    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    opt = einfx.optimize(model, einfx.Policy(default=Structure.low_rank(rank=8), fold_to_dense=False),
+                         example_inputs=example)
+    rep = einfx.export.to_onnx(opt, example, tmp_path / "m.onnx", runtime="onnxruntime", tokens=96,
+                               latency_repeats=0)
+    choice = rep.pass_choice
+    assert rep.verified and choice is not None and choice.runtime == "onnxruntime"
+    assert set(choice.times) >= {"all passes", "without fuse_siblings"}
+    assert rep.rewrites == choice.counts
+    fused = rep.rewrites["sibling matmuls fused"] > 0
+    assert fused == ("fuse_siblings" not in choice.skipped)
+    assert "graph passes timed in onnxruntime" in str(rep)
+    assert onnx.load(str(tmp_path / "m.onnx")).graph.node  # the kept graph is the file written
