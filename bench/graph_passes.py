@@ -1,5 +1,7 @@
 """What the whole-graph passes buy end to end: all-MiniLM-L6-v2's structured exports with no graph pass, with
-every pass but the transpose sinking, and with every pass (`einfx.export.graph_passes`), side by side.
+every pass but the transpose sinking, with every pass (`einfx.export.graph_passes`), and with the passes that
+`einfx.export.pass_choice` keeps after timing them in the runtime (what ``to_onnx(..., runtime=R)`` writes),
+side by side.
 
 Each structure is exported once per runtime with ``to_onnx(..., runtime=R, tokens=batch x tokens,
 graph_passes=False)`` (plans and fold-to-dense decisions measured in R); the passes are then applied to that
@@ -29,13 +31,15 @@ sys.path.insert(0, HERE)
 import einfx  # noqa: E402
 from einfx import Policy, Structure  # noqa: E402
 from einfx.export.graph_passes import optimize_graph  # noqa: E402
+from einfx.export.pass_choice import choose_passes, label as kept_label  # noqa: E402
 from einfx.export.runtimes import available, load  # noqa: E402
 from e2e import THREADS, activation_transposes, minilm  # noqa: E402
 from _timing import machine_description, median_times, write_result  # noqa: E402
 
 STRUCTURES = {"btt(4)": Structure.btt(rank=4), "btt(1)": Structure.btt(rank=1),
               "low_rank(1/4)": Structure.low_rank(rank_frac=0.25)}
-VARIANTS = {"no graph passes": None, "passes without sinking": ("sink_transposes",), "all passes": ()}
+VARIANTS = {"no graph passes": None, "passes without sinking": ("sink_transposes",), "all passes": (),
+            "timed choice": "choose"}
 
 
 def _counts(counts: dict) -> str:
@@ -60,7 +64,12 @@ def run(batch: int, length: int) -> list[list[str]]:
                 for variant, skip in VARIANTS.items():
                     path = raw
                     counts = {}
-                    if skip is not None:
+                    if skip == "choose":
+                        rewritten, choice = choose_passes(onnx.load(raw), runtime, feeds, THREADS)
+                        counts = dict(choice.counts, kept=kept_label(choice.skipped))
+                        path = raw.replace(".onnx", "-chosen.onnx")
+                        onnx.save(rewritten, path)
+                    elif skip is not None:
                         rewritten, counts = optimize_graph(onnx.load(raw), skip=skip)
                         path = raw.replace(".onnx", f"-{len(skip)}.onnx")
                         onnx.save(rewritten, path)

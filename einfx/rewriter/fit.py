@@ -79,25 +79,29 @@ class _Inputs:
             h.remove()
 
 
-def _statistics(model, reference, names: list[str], data) -> dict[str, tuple[torch.Tensor, torch.Tensor | None, int]]:
-    """Per layer: (C̃ = Σ x̃ x̃ᵀ, K = Σ x̃ xᵀ or None, rows) with x̃ the structured model's inputs and x the
-    reference's inputs at the same positions."""
+def _statistics(model, reference, names: list[str], data) -> dict[str, tuple]:
+    """Per layer: (C̃ = Σ x̃ x̃ᵀ, K = Σ x̃ xᵀ or None, rows, Σ x̃, Σ x or None) with x̃ the structured model's
+    inputs and x the reference's inputs at the same positions."""
     ours = _Inputs({n: model.get_submodule(n) for n in names})
     theirs = _Inputs({n: reference.get_submodule(n) for n in names}) if reference is not None else None
-    stats: dict[str, list] = {n: [0.0, 0.0 if theirs is not None else None, 0] for n in names}
+    paired = theirs is not None
+    stats: dict[str, list] = {n: [0.0, 0.0 if paired else None, 0, 0.0, 0.0 if paired else None] for n in names}
     try:
         for batch in data:
             got = ours.run(model, batch)
-            ref = theirs.run(reference, batch) if theirs is not None else {}
+            ref = theirs.run(reference, batch) if paired else {}
             for n in names:
                 x = got[n]
-                stats[n][0] = stats[n][0] + x.T @ x
-                if theirs is not None:
-                    stats[n][1] = stats[n][1] + x.T @ ref[n]
-                stats[n][2] += x.shape[0]
+                st = stats[n]
+                st[0] = st[0] + x.T @ x
+                st[2] += x.shape[0]
+                st[3] = st[3] + x.sum(0)
+                if paired:
+                    st[1] = st[1] + x.T @ ref[n]
+                    st[4] = st[4] + ref[n].sum(0)
     finally:
         ours.close()
-        if theirs is not None:
+        if paired:
             theirs.close()
     return {n: tuple(v) for n, v in stats.items()}
 
@@ -134,9 +138,11 @@ def fit_on_data(model: nn.Module, decisions: Sequence[Decision], init: str, data
             stats = _statistics(model, reference, names, data)
             for d in group:
                 name = d.candidate.name
-                gram, cross, rows = stats[name]
+                gram, cross, rows, total, ref_total = stats[name]
                 g = (out_metrics or {}).get(name)
-                layer = _fit(model, d, gram / max(rows, 1), None if cross is None else cross / max(rows, 1), g)
+                n = max(rows, 1)
+                means = (total / n, None if ref_total is None else ref_total / n)
+                layer = _fit(model, d, gram / n, None if cross is None else cross / n, g, means)
                 target = "the original's outputs" if cross is not None else "its own outputs"
                 if g is not None:
                     target += " as the model's output sees them"
@@ -163,17 +169,30 @@ def _group(model, remaining: list[Decision], batch) -> list[Decision]:
                                                                   == key)]
 
 
-def _fit(model, d: Decision, cov: torch.Tensor, cross: torch.Tensor | None, out_metric: torch.Tensor | None = None
-         ) -> EinsumLinear:
+def _fit(model, d: Decision, cov: torch.Tensor, cross: torch.Tensor | None, out_metric: torch.Tensor | None = None,
+         means: tuple | None = None) -> EinsumLinear:
+    """Fit one layer; ``cov`` and ``cross`` are second moments per row, ``means`` (mean x̃, mean x or None).
+
+    A layer with a bias is fitted on the centred statistics and its bias absorbs the mean error,
+    b' = b + W E[x] − Ŵ E[x̃]: the affine least-squares optimum (the mean of the inputs, large after GELU or
+    LayerNorm, costs none of the structure's rank). Without a bias the second moments are fitted as they are.
+    """
     cand = d.candidate
     w = weight_of(model, cand).detach()
     b = model.get_parameter(cand.bias).detach() if cand.bias else None
     layer = EinsumLinear.from_weight(w, b, d.structure, init="random", name=cand.name)
-    # dampening (GPTQ's 1% of the mean diagonal): with fewer calibration rows than input features the covariance
-    # is singular, and fitting exactly inside the calibration subspace does not carry to other inputs
-    eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+    centred = means is not None and b is not None and layer.bias is not None
+    # dampening (GPTQ's 1% of the mean diagonal of the second moment): with fewer calibration rows than input
+    # features the covariance is singular, and fitting exactly inside the calibration subspace does not carry
+    # to other inputs
     ridge = DAMPENING * float(torch.diagonal(cov).mean() or 1.0)
-    cov = cov + ridge * eye
+    if centred:
+        ours = means[0]
+        theirs = means[1] if means[1] is not None else ours
+        cov = cov - torch.outer(ours, ours)
+        if cross is not None:
+            cross = cross - torch.outer(ours, theirs)
+    cov = cov + ridge * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
     target = w
     if cross is not None:
         # W' = (W Kᵀ + λW)(C̃ + λI)⁻¹: the dense map from the structured model's inputs to the original outputs,
@@ -184,6 +203,10 @@ def _fit(model, d: Decision, cov: torch.Tensor, cross: torch.Tensor | None, out_
     p = project_on_data(target, cov.to(w.device), d.structure, layer.sizes, name=cand.name, out_metric=g)
     for key, core in p.cores.items():
         getattr(layer, key).copy_(core)
+    if centred:
+        fitted = layer.to_dense().double()
+        shift = w.double() @ theirs.to(w.device) - fitted @ ours.to(w.device)
+        layer.bias.copy_((b.double() + shift).to(layer.bias.dtype))
     layer.projection_error = float(p.rel_error)
-    layer.einfx_fit = p.method
+    layer.einfx_fit = p.method + (", bias re-centred" if centred else "")
     return layer

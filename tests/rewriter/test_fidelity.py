@@ -93,10 +93,11 @@ def test_siblings_share_one_pass_and_the_first_batch_is_the_example():
     out = einfx.optimize(model, Policy(default=Structure.low_rank(rank=8)), data=data)
     reasons = {r.name: r.reason for r in out.einfx_report.rows}
     assert all("fitted to the original's outputs as the model's output sees them on 32 calibration inputs "
-               "(output-whitened)" in reasons[n] for n in reasons), reasons
+               "(output-whitened, bias re-centred)" in reasons[n] for n in reasons), reasons
     layer = einfx.optimize(model, Policy(default=Structure.low_rank(rank=8), fit_objective="layer"), data=data)
     reasons = {r.name: r.reason for r in layer.einfx_report.rows}
-    assert all("fitted to the original's outputs on 32 calibration inputs (whitened)" in reasons[n] for n in reasons)
+    assert all("fitted to the original's outputs on 32 calibration inputs (whitened, bias re-centred)" in reasons[n]
+               for n in reasons)
     assert sum(isinstance(m, EinsumLinear) for m in out.modules()) == 13
     with pytest.raises(PolicyError, match="data= holds no batches"):
         einfx.optimize(model, Policy(default=Structure.low_rank(rank=8)), data=[])
