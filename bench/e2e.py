@@ -7,7 +7,8 @@ For each model, the dense baselines of each runtime:
 and the structured rows (every linear layer low_rank(1/4), btt(4) or btt(1); with --search also the searched
 model of the fidelity benchmark, a FLOP budget of 0.5 met with calibration data), each exported with
 ``einfx.export.to_onnx(..., runtime=R, tokens=batch × length)``: every structured layer's fold-to-dense
-decision and plan measured in runtime R at that shape. In onnxruntime the structured graph is also run
+decision and plan measured in runtime R at that shape, and the optional whole-graph passes kept only where R
+runs the graph faster with them (`einfx.export.pass_choice`). In onnxruntime the structured graph is also run
 through the same optimizer as the dense one, and the faster of the two is kept.
 
 Columns: median latency, speedup against the fastest dense graph of the same runtime, the FLOP bound (the

@@ -351,12 +351,18 @@ def _rewrite_graph(path: str, runtime: str | None = None, feeds=None, threads: i
 
 def deploy_feeds(inputs: Sequence[torch.Tensor], names: Sequence[str], axes: Mapping[int, Mapping[int, str]],
                  tokens: int, dtype: str) -> dict[str, np.ndarray]:
-    """The example inputs repeated along the batch axis to about ``tokens`` rows (batch × sequence, or batch
-    alone for inputs without a sequence), as numpy feeds; unchanged when the batch axis is not dynamic."""
+    """The example inputs repeated along the batch axis to about ``tokens`` rows, as numpy feeds. Rows are
+    batch × sequence for (batch, sequence) ids and (batch, sequence, features) inputs, batch for (batch,
+    features); other inputs (images) and a batch axis that is not dynamic keep the example's size."""
     first = inputs[0]
-    rows = first.shape[0] * (first.shape[1] if first.dim() >= 2 and not first.is_floating_point() else 1)
-    batched = all(axes.get(i, {}).get(0) == "batch" for i in range(len(inputs)))
-    times = max(1, -(-tokens // max(int(rows), 1))) if batched else 1
+    if first.dim() == 2 and not first.is_floating_point() or first.dim() == 3 and first.is_floating_point():
+        rows = first.shape[0] * first.shape[1]
+    elif first.dim() == 2:
+        rows = first.shape[0]
+    else:
+        rows = 0
+    batched = rows > 0 and all(axes.get(i, {}).get(0) == "batch" for i in range(len(inputs)))
+    times = max(1, -(-tokens // int(rows))) if batched else 1
     return {name: x.repeat(times, *([1] * (x.dim() - 1))).numpy()
             for name, x in zip(names, cast_inputs(inputs, dtype))}
 

@@ -24,7 +24,7 @@ import onnx
 
 from einfx.export.graph_passes import _PASSES, optimize_graph
 from einfx.export.runtimes import load
-from einfx.export.tune import _median_times
+from einfx.export.tune import median_times
 
 __all__ = ["PassChoice", "choose_passes", "OPTIONAL", "KEEP_MARGIN", "label"]
 
@@ -60,7 +60,7 @@ def label(skipped: tuple[str, ...]) -> str:
 
 
 def choose_passes(model: onnx.ModelProto, runtime: str, feeds: Mapping[str, np.ndarray], threads: int = 0, *,
-                  timer=_median_times, margin: float = KEEP_MARGIN) -> tuple[onnx.ModelProto, PassChoice]:
+                  timer=median_times, margin: float = KEEP_MARGIN) -> tuple[onnx.ModelProto, PassChoice]:
     """The fastest of ``model`` rewritten with every pass and with the active optional passes left out.
 
     Args:

@@ -35,8 +35,8 @@ from einfx.planning.plan import Plan, Step
 from einfx.planning.planner import all_plans, plain_plans, plan_layer
 from einfx.planning.profile import DeviceProfile, cache_dir, load_profile, write_json_atomic
 
-__all__ = ["Tuned", "TuningCache", "TuningCacheError", "tune_layer", "tune_model", "signature", "CANDIDATES", "TUNE_MARGIN",
-           "tuning_path"]
+__all__ = ["Tuned", "TuningCache", "TuningCacheError", "tune_layer", "tune_model", "signature", "median_times",
+           "CANDIDATES", "TUNE_MARGIN", "tuning_path"]
 
 # plans timed per signature, besides dense (the cost model's best few)
 CANDIDATES = 4
@@ -184,7 +184,7 @@ def candidates(layer, tokens: int, profile: DeviceProfile, count: int = CANDIDAT
     return out
 
 
-def _median_times(fns: dict, rounds: int = 7, min_time: float = 0.03) -> dict[str, float]:
+def median_times(fns: dict, rounds: int = 7, min_time: float = 0.03) -> dict[str, float]:
     """Median seconds per call of each function, timed in interleaved rounds after one warm-up call."""
     calls = {}
     for key, fn in fns.items():
@@ -209,7 +209,7 @@ def _median_times(fns: dict, rounds: int = 7, min_time: float = 0.03) -> dict[st
 @torch.no_grad()
 def tune_layer(layer, runtime: str, tokens: int, *, threads: int = 0, cache: TuningCache | None = None,
                profile: DeviceProfile | None = None, count: int = CANDIDATES, margin: float = TUNE_MARGIN,
-               timer=_median_times) -> Tuned:
+               timer=median_times) -> Tuned:
     """Time ``layer``'s best plans and its dense fold at ``tokens`` rows in ``runtime``; cache the winner.
 
     Args:

@@ -82,3 +82,17 @@ def test_export_for_a_runtime_reports_the_passes_it_timed(tmp_path, monkeypatch)
     assert fused == ("fuse_siblings" not in choice.skipped)
     assert "graph passes timed in onnxruntime" in str(rep)
     assert onnx.load(str(tmp_path / "m.onnx")).graph.node  # the kept graph is the file written
+
+
+def test_deploy_feeds_repeat_the_batch_to_the_deployment_rows():
+    from einfx.export.onnx_export import deploy_feeds
+
+    ids = torch.arange(32).reshape(2, 16)
+    axes = {0: {0: "batch", 1: "sequence"}, 1: {0: "batch", 1: "sequence"}}
+    feeds = deploy_feeds((ids, torch.ones_like(ids)), ["input_ids", "attention_mask"], axes, 100, "float32")
+    assert feeds["input_ids"].shape == (8, 16) and (feeds["input_ids"][6:] == ids.numpy()).all()
+    features = deploy_feeds((torch.randn(4, 8),), ["x"], {0: {0: "batch"}}, 10, "float16")
+    assert features["x"].shape == (12, 8) and features["x"].dtype == np.float16
+    image = torch.randn(1, 3, 8, 8)  # rows per image unknown: the example as it is
+    assert deploy_feeds((image,), ["pixels"], {0: {0: "batch"}}, 512, "float32")["pixels"].shape == (1, 3, 8, 8)
+    assert deploy_feeds((ids,), ["input_ids"], {}, 512, "float32")["input_ids"].shape == (2, 16)  # static batch
