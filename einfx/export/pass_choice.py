@@ -51,8 +51,8 @@ class PassChoice:
     counts: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"runtime": self.runtime, "skipped": list(self.skipped), "times_ms": {k: round(v * 1e3, 4) for k, v in
-                                                                                       self.times.items()}}
+        times_ms = {k: round(v * 1e3, 4) for k, v in self.times.items()}
+        return {"runtime": self.runtime, "skipped": list(self.skipped), "times_ms": times_ms}
 
 
 def label(skipped: tuple[str, ...]) -> str:

@@ -252,12 +252,6 @@ def project_on_data(weight: torch.Tensor, cov: torch.Tensor, structure, sizes: S
     w, c = _padded(weight, cov, sizes)
     plain_w = _fold(plain.cores["A"].double(), plain.cores["B"].double(), sizes)
     try:
-        if sizes.beta == 1:
-            A, B = _whitened_start(w, c, sizes)
-            start = "whitened"
-        else:
-            A, B = plain.cores["A"].double().clone(), plain.cores["B"].double().clone()
-            start = "weight-only"
         closed_form = sizes.gamma == 1 and sizes.beta == 1 and sizes.phi == 1 and sizes.delta == 1
         if closed_form and out_metric is not None:
             g = torch.zeros((w.shape[0],) * out_metric.dim(), dtype=torch.float64, device=w.device)
@@ -266,6 +260,12 @@ def project_on_data(weight: torch.Tensor, cov: torch.Tensor, structure, sizes: S
             A = right.reshape(sizes.a_shape).contiguous()
             B = left.reshape(sizes.b_shape).contiguous()
             start = "output-whitened"
+        elif sizes.beta == 1:
+            A, B = _whitened_start(w, c, sizes)
+            start = "whitened"
+        else:
+            A, B = plain.cores["A"].double().clone(), plain.cores["B"].double().clone()
+            start = "weight-only"
         if sweeps and not closed_form:  # a single low-rank block: the whitened truncation is already optimal
             rows = _row_weights(out_metric, sizes, w.device) if out_metric is not None else None
             A, B = _refine(w, c, A, B, sizes, sweeps, rows)

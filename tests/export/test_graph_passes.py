@@ -180,19 +180,24 @@ def test_siblings_need_the_same_leading_operand_shape():
     assert fuse_siblings(model)[1] == 0
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("structure", [Structure.low_rank(rank=8), Structure.btt(rank=2)], ids=lambda s: s.name)
-def test_qkv_of_a_zoo_bert_fuse_and_the_export_verifies(structure, tmp_path):
+def zoo_bert(structure, layers: int = 2):
+    """A small random BERT structured everywhere (no fold to dense), and its (ids, mask) example."""
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
     # intermediate 256: fc2 (256 -> 64) stays a BTT in the export (at 128 it is lowered as one GEMM)
-    cfg = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+    cfg = BertConfig(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=256,
                      vocab_size=100, max_position_embeddings=32)
     model = BertModel(cfg).eval()
     ids = torch.randint(0, 100, (2, 12))
     example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    opt = einfx.optimize(model, einfx.Policy(default=structure, fold_to_dense=False), example_inputs=example)
+    return einfx.optimize(model, einfx.Policy(default=structure, fold_to_dense=False), example_inputs=example), example
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("structure", [Structure.low_rank(rank=8), Structure.btt(rank=2)], ids=lambda s: s.name)
+def test_qkv_of_a_zoo_bert_fuse_and_the_export_verifies(structure, tmp_path):
+    opt, example = zoo_bert(structure)
     plain = einfx.export.to_onnx(opt, example, tmp_path / "plain.onnx", graph_passes=False, latency_repeats=0)
     fused = einfx.export.to_onnx(opt, example, tmp_path / "fused.onnx", latency_repeats=0)
     assert plain.verified and fused.verified  # against torch, at three shapes: the rewrites are exact

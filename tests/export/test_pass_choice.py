@@ -14,7 +14,7 @@ from einfx.export.graph_passes import optimize_graph
 from einfx.export.pass_choice import KEEP_MARGIN, choose_passes
 from einfx.export.runtimes import load
 
-from tests.export.test_graph_passes import _ops, _random_graph
+from tests.export.test_graph_passes import _ops, _random_graph, zoo_bert
 
 X = np.random.default_rng(0).standard_normal((5, 4, 6)).astype(np.float32)
 
@@ -61,17 +61,8 @@ def test_nothing_is_timed_when_no_optional_pass_applies():
 
 @pytest.mark.slow
 def test_export_for_a_runtime_reports_the_passes_it_timed(tmp_path, monkeypatch):
-    from transformers import BertConfig, BertModel
-
     monkeypatch.setenv("EINFX_CACHE_DIR", str(tmp_path / "cache"))
-    torch.manual_seed(0)
-    cfg = BertConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=256,
-                     vocab_size=100, max_position_embeddings=32)
-    model = BertModel(cfg).eval()
-    ids = torch.randint(0, 100, (2, 12))
-    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    opt = einfx.optimize(model, einfx.Policy(default=Structure.low_rank(rank=8), fold_to_dense=False),
-                         example_inputs=example)
+    opt, example = zoo_bert(Structure.low_rank(rank=8), layers=1)
     rep = einfx.export.to_onnx(opt, example, tmp_path / "m.onnx", runtime="onnxruntime", tokens=96,
                                latency_repeats=0)
     choice = rep.pass_choice
