@@ -279,7 +279,7 @@ def optimize_with_report(model: nn.Module, policy, example_inputs=None, verify: 
             if metrics is None:
                 metrics = _output_metrics(work, decisions, policy, data)
             layers, notes = fit_on_data(work, decisions, policy.init, data, order, reference=model,
-                                        out_metrics=metrics)
+                                        out_metrics=metrics, residual=policy.fit_objective == "output")
         else:
             layers = structure_modules(work, decisions, policy.init)
         module.train(model.training)

@@ -205,7 +205,8 @@ class Policy:
             starting point and one more candidate, not a restriction.
         fit_objective: with ``data=`` and ``init="project"``, what each layer's fit and the search's errors
             minimize: ``"output"`` (default), the layer's output error as the model's main output sees it
-            (weighed by E[JᵀJ], `einfx.rewriter.sensitivity`; one backward pass per calibration batch), or
+            (weighed by E[JᵀJ], `einfx.rewriter.sensitivity`; one backward pass per calibration batch; a layer
+            writing into a residual sum is fitted to the original's sum, `einfx.rewriter.residual`), or
             ``"layer"``, the layer's own output error.
     """
 

@@ -248,7 +248,7 @@ def probe_batches(data: Sequence, count: int = PROBE_BATCHES) -> list:
 def _covariances(model: nn.Module, names: list[str], data) -> dict[str, torch.Tensor]:
     """Each layer's dampened input covariance on ``model`` (the same statistics and ridge as the fit)."""
     out = {}
-    for n, (gram, _, rows, _, _) in _statistics(model, None, names, data).items():
+    for n, (gram, _, rows, *_) in _statistics(model, None, names, data).items():
         c = gram / max(rows, 1)
         out[n] = c + DAMPENING * float(torch.diagonal(c).mean() or 1.0) * torch.eye(c.shape[0], dtype=c.dtype)
     return out
