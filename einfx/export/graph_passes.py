@@ -10,6 +10,11 @@
                       the next layer (fc1 -> bias -> GELU -> fc2): the ops run in the layer's own layout
                       (constants rearranged to match) and the Transpose meets the next layer's input one
     transpose_pairs   Transpose followed by Transpose becomes one Transpose, or nothing when they cancel
+    plain_norm_sums   an Add of two activations that a LayerNormalization reads (a residual sum) becomes a
+                      Sum of the same two: the same values, but a pattern onnxruntime's SkipLayerNormalization
+                      fusion does not match; that fused kernel ran 3.4x slower than Add + LayerNormalization at
+                      8 x 128 x 384 on the project's host (Xeon with AVX-512, onnxruntime 1.32, 2 threads),
+                      so whether to keep it is timed (`einfx.export.pass_choice`)
     prune             drop nodes and initializers nothing reads
 
 Constant right operands are evaluated with numpy through the weight-side ops the exporter emits (Reshape,
@@ -30,7 +35,7 @@ from onnx import helper, numpy_helper
 from einfx.errors import ExportError
 
 __all__ = ["optimize_graph", "PASSES", "dedupe", "fuse_siblings", "prune", "sink_transposes", "transpose_pairs",
-           "constant_values"]
+           "plain_norm_sums", "constant_values"]
 
 # a constant input this small is compared by value in dedupe (shapes, axes, perms), larger ones by name
 _SMALL = 64
@@ -362,6 +367,22 @@ def _sinkable(t_node, values, producer, readers, outputs):
     return chain, region, r2, x_shape, axis
 
 
+def plain_norm_sums(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Add(a, b) -> Sum(a, b) where a LayerNormalization reads the sum and neither operand is a constant;
+    returns the new model and the count. Sum broadcasts as Add does, so every reader sees the same values."""
+    model = _copy(model)
+    graph = model.graph
+    values = constant_values(graph)
+    normed = {n.input[0] for n in graph.node if n.op_type == "LayerNormalization" and n.domain in ("", "ai.onnx")}
+    count = 0
+    for node in graph.node:
+        if (node.op_type == "Add" and node.domain in ("", "ai.onnx") and node.output[0] in normed
+                and not any(i in values for i in node.input)):
+            node.op_type = "Sum"
+            count += 1
+    return model, count
+
+
 def prune(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """Drop nodes whose outputs nothing reads and initializers no node reads; returns the count dropped."""
     model = _copy(model)
@@ -387,13 +408,14 @@ def prune(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 # the passes in the order optimize_graph runs them, each with the name of its count in the report
 _PASSES = {"dedupe": (dedupe, "deduplicated"), "fuse_siblings": (fuse_siblings, "sibling matmuls fused"),
            "sink_transposes": (sink_transposes, "transposes sunk"),
-           "transpose_pairs": (transpose_pairs, "transpose pairs"), "prune": (prune, "pruned")}
+           "transpose_pairs": (transpose_pairs, "transpose pairs"),
+           "plain_norm_sums": (plain_norm_sums, "norm sums kept plain"), "prune": (prune, "pruned")}
 PASSES = tuple(_PASSES)
 
 
 def optimize_graph(model: onnx.ModelProto, skip: Collection[str] = ()) -> tuple[onnx.ModelProto, dict[str, int]]:
-    """dedupe, fuse_siblings, sink_transposes, transpose_pairs and prune, in that order, but those named in
-    ``skip``; returns the model and the counts (0 for a skipped pass).
+    """dedupe, fuse_siblings, sink_transposes, transpose_pairs, plain_norm_sums and prune, in that order, but
+    those named in ``skip``; returns the model and the counts (0 for a skipped pass).
 
     Raises:
         ExportError: a name in ``skip`` is not one of `PASSES`.

@@ -13,7 +13,8 @@ from torch import nn
 
 import einfx
 from einfx import Structure
-from einfx.export.graph_passes import dedupe, fuse_siblings, optimize_graph, prune, sink_transposes, transpose_pairs
+from einfx.export.graph_passes import (dedupe, fuse_siblings, optimize_graph, plain_norm_sums, prune, sink_transposes,
+                                       transpose_pairs)
 from einfx.export.runtimes import RUNTIMES, available, load
 
 INSTALLED = [r for r in RUNTIMES if available(r)]
@@ -83,7 +84,7 @@ def test_each_pass_alone_is_exact_and_leaves_the_input_model_alone():
     before = model.SerializeToString()
     x = np.random.default_rng(0).standard_normal((3, 4, 6)).astype(np.float32)
     expected = _run(model, x)
-    for rewrite in (dedupe, fuse_siblings, sink_transposes, transpose_pairs, prune):
+    for rewrite in (dedupe, fuse_siblings, sink_transposes, transpose_pairs, plain_norm_sums, prune):
         out, _ = rewrite(model)
         np.testing.assert_allclose(_run(out, x), expected, rtol=1e-5, err_msg=rewrite.__name__)
     assert model.SerializeToString() == before
@@ -164,6 +165,50 @@ def test_passes_can_be_skipped_by_name():
     assert counts["transposes sunk"] == 0 and counts["transpose pairs"] == 0
     with pytest.raises(einfx.errors.ExportError, match=r"\['sink'\] are unknown; valid: dedupe, fuse_siblings"):
         optimize_graph(model, skip=("sink",))
+
+
+def _norm_graph() -> onnx.ModelProto:
+    """A post-norm residual block as BERT exports it: y = LN(x @ W + b + x), then a second norm of y + a
+    constant (a bias Add read by a LayerNormalization, which is not a residual sum)."""
+    rng = np.random.default_rng(3)
+    c = lambda name, v: numpy_helper.from_array(np.asarray(v, np.float32), name)  # noqa: E731
+    inits = [c("w", rng.standard_normal((16, 16))), c("b", rng.standard_normal(16)), c("g", rng.random(16) + 0.5),
+             c("beta", rng.standard_normal(16)), c("shift", rng.standard_normal(16))]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["xw"]),
+             helper.make_node("Add", ["xw", "b"], ["h"]),
+             helper.make_node("Add", ["h", "x"], ["s"]),
+             helper.make_node("LayerNormalization", ["s", "g", "beta"], ["y"], axis=-1, epsilon=1e-12),
+             helper.make_node("Add", ["y", "shift"], ["ys"]),
+             helper.make_node("LayerNormalization", ["ys", "g", "beta"], ["z"], axis=-1, epsilon=1e-12)]
+    graph = helper.make_graph(nodes, "norms", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, "n", 16])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, "n", 16])],
+                              initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("runtime", INSTALLED)
+def test_a_residual_sum_read_by_a_norm_becomes_a_sum_exactly(runtime, tmp_path):
+    import onnxruntime as ort
+
+    model = _norm_graph()
+    x = np.random.default_rng(4).standard_normal((2, 7, 16)).astype(np.float32)
+    expected = load(runtime, model)({"x": x})
+    out, count = plain_norm_sums(model)
+    assert count == 1  # the residual h + x; the constant shift stays an Add
+    assert [n.op_type for n in out.graph.node] == ["MatMul", "Add", "Sum", "LayerNormalization", "Add",
+                                                   "LayerNormalization"]
+    for got, want in zip(load(runtime, out)({"x": x}), expected):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    if runtime == "onnxruntime":  # what the pass is for: onnxruntime no longer fuses the sum into its norm
+        fused = {}
+        for label, graph in (("before", model), ("after", out)):
+            opts = ort.SessionOptions()
+            opts.optimized_model_filepath = str(tmp_path / f"{label}.onnx")
+            ort.InferenceSession(graph.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            fused[label] = _ops(onnx.load(str(tmp_path / f"{label}.onnx")))["SkipLayerNormalization"]
+        assert fused == {"before": 1, "after": 0}
 
 
 def test_siblings_need_the_same_leading_operand_shape():

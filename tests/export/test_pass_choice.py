@@ -14,7 +14,7 @@ from einfx.export.graph_passes import optimize_graph
 from einfx.export.pass_choice import KEEP_MARGIN, choose_passes
 from einfx.export.runtimes import load
 
-from tests.export.test_graph_passes import _ops, _random_graph, zoo_bert
+from tests.export.test_graph_passes import _norm_graph, _ops, _random_graph, zoo_bert
 
 X = np.random.default_rng(0).standard_normal((5, 4, 6)).astype(np.float32)
 
@@ -42,6 +42,18 @@ def test_a_pass_the_runtime_runs_slower_is_left_out_and_the_graph_stays_exact():
     np.testing.assert_allclose(load("onnxruntime", graph)({"x": X})[0], expected, rtol=1e-5)
     assert choice.to_dict() == {"runtime": "onnxruntime", "skipped": ["fuse_siblings"],
                                 "times_ms": {"all passes": 1000.0, "without fuse_siblings": 800.0}}
+
+
+def test_plain_norm_sums_stay_only_where_the_runtime_runs_them_faster():
+    model = _norm_graph()
+    x = {"x": np.random.default_rng(5).standard_normal((2, 3, 16)).astype(np.float32)}
+    timer, asked = _clock({"all passes": 1.0, "without plain_norm_sums": 1.5})
+    graph, choice = choose_passes(model, "onnxruntime", x, timer=timer)
+    assert asked == [["all passes", "without plain_norm_sums"]]
+    assert choice.skipped == () and _ops(graph)["Sum"] == 1 and choice.counts["norm sums kept plain"] == 1
+    timer, _ = _clock({"all passes": 1.0, "without plain_norm_sums": 0.7})
+    graph, choice = choose_passes(model, "onnxruntime", x, timer=timer)
+    assert choice.skipped == ("plain_norm_sums",) and _ops(graph)["Sum"] == 0 and _ops(graph)["Add"] == 3
 
 
 def test_a_gain_within_the_margin_keeps_every_pass():
