@@ -174,7 +174,7 @@ def fit_on_data(model: nn.Module, decisions: Sequence[Decision], init: str, data
                 if residual is not None:
                     target = f"the original's sum at {mine[name]}"
                 if g is not None:
-                    target += " as the model's output sees them"
+                    target += " as the model's output sees " + ("it" if residual is not None else "them")
                 notes[name] = f"fitted to {target} on {rows:,} calibration inputs ({layer.einfx_fit})"
                 _set(model, name, layer)
                 built[name] = layer

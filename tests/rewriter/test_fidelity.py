@@ -96,7 +96,7 @@ def test_siblings_share_one_pass_and_the_first_batch_is_the_example():
             "blocks.1.attn.o": "blocks.1.ln2", "blocks.1.mlp.down": "out"}
     for name, reason in reasons.items():
         if name in sums:
-            assert (f"fitted to the original's sum at {sums[name]} as the model's output sees them on 32 "
+            assert (f"fitted to the original's sum at {sums[name]} as the model's output sees it on 32 "
                     "calibration inputs (output-whitened, bias re-centred, residual sum)") in reason, (name, reason)
         else:
             assert ("fitted to the original's outputs as the model's output sees them on 32 calibration inputs "
