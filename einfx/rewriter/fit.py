@@ -170,11 +170,11 @@ def fit_on_data(model: nn.Module, decisions: Sequence[Decision], init: str, data
                 means = (total / n, None if ref_total is None else ref_total / n)
                 residual = None if gap is None else (gap / n, gap_total / n)
                 layer = _fit(model, d, gram / n, None if cross is None else cross / n, g, means, residual)
-                target = "the original's outputs" if cross is not None else "its own outputs"
+                target, them = ("the original's outputs" if cross is not None else "its own outputs"), "them"
                 if residual is not None:
-                    target = f"the original's sum at {mine[name]}"
+                    target, them = f"the original's sum at {mine[name]}", "it"
                 if g is not None:
-                    target += " as the model's output sees " + ("it" if residual is not None else "them")
+                    target += f" as the model's output sees {them}"
                 notes[name] = f"fitted to {target} on {rows:,} calibration inputs ({layer.einfx_fit})"
                 _set(model, name, layer)
                 built[name] = layer
