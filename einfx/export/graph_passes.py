@@ -9,6 +9,10 @@
     sink_transposes   a layer's output Transpose moved across the reshapes and elementwise ops that lead to
                       the next layer (fc1 -> bias -> GELU -> fc2): the ops run in the layer's own layout
                       (constants rearranged to match) and the Transpose meets the next layer's input one
+    merge_relayouts   Transpose -> Reshapes (a bias or an activation between) -> Transpose becomes one Reshape
+                      and one Transpose where that Transpose moves a single block of axes
+                      (`einfx.export.relayouts`): a BTT key projection's output relayout and attention's head
+                      split become one copy
     transpose_pairs   Transpose followed by Transpose becomes one Transpose, or nothing when they cancel
     plain_norm_sums   an Add of two activations that a LayerNormalization reads (a residual sum) becomes a
                       Sum of the same two: the same values, but a pattern onnxruntime's SkipLayerNormalization
@@ -33,50 +37,15 @@ import onnx
 from onnx import helper, numpy_helper
 
 from einfx.errors import ExportError
+from einfx.export.relayouts import merge_relayouts
+from einfx.export.onnx_graph import (ELEMENTWISE, constant_values, copy_model, fresh, last_dim, perm_of,
+                                      prune, rename, reshape_target)
 
-__all__ = ["optimize_graph", "PASSES", "dedupe", "fuse_siblings", "prune", "sink_transposes", "transpose_pairs",
-           "plain_norm_sums", "constant_values"]
+__all__ = ["optimize_graph", "PASSES", "dedupe", "fuse_siblings", "prune", "sink_transposes", "merge_relayouts",
+           "transpose_pairs", "plain_norm_sums", "constant_values"]
 
 # a constant input this small is compared by value in dedupe (shapes, axes, perms), larger ones by name
 _SMALL = 64
-
-
-def _perm(node: onnx.NodeProto) -> list[int] | None:
-    return next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-
-
-def constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    """Every value computable from initializers alone through Reshape / Transpose / Identity / Cast / Constant."""
-    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    for node in graph.node:
-        try:
-            if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-                values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-            elif not node.input or any(i not in values for i in node.input if i):
-                continue
-            elif node.op_type == "Reshape":
-                data, shape = values[node.input[0]], values[node.input[1]]
-                shape = [d if d != 0 else data.shape[i] for i, d in enumerate(shape.tolist())]
-                values[node.output[0]] = data.reshape(shape)
-            elif node.op_type == "Transpose":
-                perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-                values[node.output[0]] = np.transpose(values[node.input[0]], perm)
-            elif node.op_type == "Identity":
-                values[node.output[0]] = values[node.input[0]]
-            elif node.op_type == "Cast":
-                to = next(a.i for a in node.attribute if a.name == "to")
-                values[node.output[0]] = values[node.input[0]].astype(helper.tensor_dtype_to_np_dtype(to))
-        except (ValueError, KeyError):
-            continue
-    return values
-
-
-def _rename(graph: onnx.GraphProto, mapping: dict[str, str]) -> None:
-    """Point every reader of a removed value at its replacement (graph outputs are never removed)."""
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name in mapping:
-                node.input[i] = mapping[name]
 
 
 def _key(node: onnx.NodeProto, values: dict[str, np.ndarray]):
@@ -93,7 +62,7 @@ def _key(node: onnx.NodeProto, values: dict[str, np.ndarray]):
 
 def dedupe(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """Common-subexpression elimination; returns the new model and how many nodes were merged."""
-    model = _copy(model)
+    model = copy_model(model)
     graph = model.graph
     values = constant_values(graph)
     seen, mapping, keep, merged = {}, {}, [], 0
@@ -125,7 +94,7 @@ def fuse_siblings(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     axis; ``W_i @ x`` (constant on the left, a plan that computes y transposed) concatenates on the W_i's
     row axis and splits the output's second-to-last axis.
     """
-    model = _copy(model)
+    model = copy_model(model)
     graph = model.graph
     values = constant_values(graph)
     groups = defaultdict(list)
@@ -148,8 +117,8 @@ def fuse_siblings(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         right = side == "right"
         weights = [values[n.input[1] if right else n.input[0]] for n in nodes]
         axis = -1 if right else -2
-        base = _fresh(f"{nodes[0].output[0]}_siblings", existing)
-        w_name, s_name = _fresh(base + "_weight", existing), _fresh(base + "_split", existing)
+        base = fresh(f"{nodes[0].output[0]}_siblings", existing)
+        w_name, s_name = fresh(base + "_weight", existing), fresh(base + "_split", existing)
         graph.initializer.append(numpy_helper.from_array(np.concatenate(weights, axis=axis), w_name))
         graph.initializer.append(numpy_helper.from_array(np.array([w.shape[axis] for w in weights], np.int64), s_name))
         inputs = [x, w_name] if right else [w_name, x]
@@ -173,7 +142,7 @@ def fuse_siblings(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 def transpose_pairs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """Transpose(Transpose(x, p), q) -> Transpose(x, p∘q), or x when the composition is the identity (only
     where the inner Transpose has no other reader)."""
-    model = _copy(model)
+    model = copy_model(model)
     graph = model.graph
     readers = defaultdict(int)
     for node in graph.node:
@@ -189,7 +158,7 @@ def transpose_pairs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         if inner is None or inner.op_type != "Transpose" or readers[inner.output[0]] != 1 \
                 or inner.output[0] in outputs:
             continue
-        p, q = _perm(inner), _perm(node)
+        p, q = perm_of(inner), perm_of(node)
         if p is None or q is None or len(p) != len(q):
             continue
         composed = [p[i] for i in q]
@@ -205,34 +174,8 @@ def transpose_pairs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     keep = [n for n in graph.node if id(n) not in drop]
     del graph.node[:]
     graph.node.extend(keep)
-    _rename(graph, mapping)
+    rename(graph, mapping)
     return model, count
-
-
-# ops applied entry by entry (with numpy broadcasting of their other operands): they commute with any
-# rearrangement of the entries, so a Transpose can move across them
-_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Gelu", "Erf", "Tanh", "Sigmoid", "Relu", "Sqrt", "Neg", "Exp",
-                "Cast", "Identity", "Abs", "Softplus", "HardSigmoid", "LeakyRelu", "Elu", "Selu"}
-
-
-def _reshape_target(node: onnx.NodeProto | None, values: dict[str, np.ndarray]) -> list[int] | None:
-    """A Reshape's constant target with at most one -1 and no 0 (copy) entries, else None."""
-    if node is None or node.op_type != "Reshape" or node.input[1] not in values:
-        return None
-    target = [int(d) for d in values[node.input[1]].reshape(-1)]
-    if 0 in target or target.count(-1) > 1 or any(d < -1 for d in target):
-        return None
-    return target
-
-
-def _last_dim(name: str, producer: dict, values: dict[str, np.ndarray]) -> int | None:
-    """The last entry of a shape value, when it is a constant or a Concat ending in a constant."""
-    if name in values:
-        return int(values[name].reshape(-1)[-1])
-    node = producer.get(name)
-    if node is not None and node.op_type == "Concat" and node.input and node.input[-1] in values:
-        return int(values[node.input[-1]].reshape(-1)[-1])
-    return None
 
 
 def sink_transposes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
@@ -248,7 +191,7 @@ def sink_transposes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     (a bias), that axis spanning trailing axes of t; no value inside may be read from outside. The moved
     Transpose then meets the next layer's input Transpose, and `transpose_pairs` merges or cancels them.
     """
-    model = _copy(model)
+    model = copy_model(model)
     graph = model.graph
     values = constant_values(graph)
     producer = {o: n for n in graph.node for o in n.output}
@@ -265,7 +208,7 @@ def sink_transposes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             continue
         chain, region, r2, x_shape, axis = plan
         r1 = chain[-1]
-        p = _perm(t_node)
+        p = perm_of(t_node)
         inverse = list(np.argsort(p))
         t_shape = [x_shape[q] for q in p]
         x = t_node.input[0]
@@ -275,17 +218,17 @@ def sink_transposes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
                 if name == r1.output[0]:
                     node.input[i] = x
                 elif name in values and values[name].size == 1 and values[name].ndim > len(x_shape):
-                    new = _fresh(f"{name}_scalar", existing)  # a rank above x's would grow the result's rank
+                    new = fresh(f"{name}_scalar", existing)  # a rank above x's would grow the result's rank
                     graph.initializer.append(numpy_helper.from_array(values[name].reshape(()), new))
                     node.input[i] = new
                 elif name in values and values[name].size > 1:
                     c = values[name]
                     shaped = c.reshape([1] * axis + [int(d) for d in t_shape[axis:]])
-                    new = _fresh(f"{name}_sunk", existing)
+                    new = fresh(f"{name}_sunk", existing)
                     graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(
                         np.transpose(shaped, inverse)), new))
                     node.input[i] = new
-        moved = _fresh(f"{r2.output[0]}_sunk", existing)
+        moved = fresh(f"{r2.output[0]}_sunk", existing)
         replace[id(r2)] = helper.make_node("Transpose", [r2.input[0]], [r2.output[0]], perm=p, name=moved)
         drop.update({id(t_node)} | {id(r) for r in chain})
         count += 1
@@ -303,10 +246,10 @@ def sink_transposes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 def _sinkable(t_node, values, producer, readers, outputs):
     """When ``t_node`` starts the pattern of `sink_transposes`: (the reshapes after it, the region's nodes, r2,
     x's shape with -1 for its unknown axis, the first axis of t that the constants span); else None."""
-    if t_node.op_type != "Transpose" or _perm(t_node) is None or t_node.output[0] in outputs:
+    if t_node.op_type != "Transpose" or perm_of(t_node) is None or t_node.output[0] in outputs:
         return None
-    x_shape = _reshape_target(producer.get(t_node.input[0]), values)
-    p = _perm(t_node)
+    x_shape = reshape_target(producer.get(t_node.input[0]), values)
+    p = perm_of(t_node)
     if x_shape is None or len(x_shape) != len(p) or t_node.input[0] in values:
         return None
     t_shape = [x_shape[q] for q in p]
@@ -321,7 +264,7 @@ def _sinkable(t_node, values, producer, readers, outputs):
     if any(r.output[0] in outputs for r in chain):
         return None
     r1 = chain[-1]
-    width = _last_dim(r1.input[1], producer, values)
+    width = last_dim(r1.input[1], producer, values)
     # the axis of t from which the trailing axes make r1's last axis (where a bias varies)
     axis, span = len(t_shape), 1
     while axis > 0 and width is not None and span < width and t_shape[axis - 1] > 0:
@@ -338,7 +281,7 @@ def _sinkable(t_node, values, producer, readers, outputs):
                     return None
                 r2 = node
                 continue
-            if node.op_type not in _ELEMENTWISE or node.domain not in ("", "ai.onnx") or \
+            if node.op_type not in ELEMENTWISE or node.domain not in ("", "ai.onnx") or \
                     any(o in outputs for o in node.output):
                 return None
             region.append(node)
@@ -370,7 +313,7 @@ def _sinkable(t_node, values, producer, readers, outputs):
 def plain_norm_sums(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """Add(a, b) -> Sum(a, b) where a LayerNormalization reads the sum and neither operand is a constant;
     returns the new model and the count. Sum broadcasts as Add does, so every reader sees the same values."""
-    model = _copy(model)
+    model = copy_model(model)
     graph = model.graph
     values = constant_values(graph)
     normed = {n.input[0] for n in graph.node if n.op_type == "LayerNormalization" and n.domain in ("", "ai.onnx")}
@@ -383,39 +326,18 @@ def plain_norm_sums(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     return model, count
 
 
-def prune(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """Drop nodes whose outputs nothing reads and initializers no node reads; returns the count dropped."""
-    model = _copy(model)
-    graph = model.graph
-    needed = {o.name for o in graph.output}
-    keep, dropped = [], 0
-    for node in reversed(list(graph.node)):
-        if any(o in needed for o in node.output if o):
-            keep.append(node)
-            needed.update(i for i in node.input if i)
-        else:
-            dropped += 1
-    keep.reverse()
-    del graph.node[:]
-    graph.node.extend(keep)
-    used = [i for i in graph.initializer if i.name in needed]
-    dropped += len(graph.initializer) - len(used)
-    del graph.initializer[:]
-    graph.initializer.extend(used)
-    return model, dropped
-
-
 # the passes in the order optimize_graph runs them, each with the name of its count in the report
 _PASSES = {"dedupe": (dedupe, "deduplicated"), "fuse_siblings": (fuse_siblings, "sibling matmuls fused"),
            "sink_transposes": (sink_transposes, "transposes sunk"),
+           "merge_relayouts": (merge_relayouts, "relayouts merged"),
            "transpose_pairs": (transpose_pairs, "transpose pairs"),
            "plain_norm_sums": (plain_norm_sums, "norm sums kept plain"), "prune": (prune, "pruned")}
 PASSES = tuple(_PASSES)
 
 
 def optimize_graph(model: onnx.ModelProto, skip: Collection[str] = ()) -> tuple[onnx.ModelProto, dict[str, int]]:
-    """dedupe, fuse_siblings, sink_transposes, transpose_pairs, plain_norm_sums and prune, in that order, but
-    those named in ``skip``; returns the model and the counts (0 for a skipped pass).
+    """dedupe, fuse_siblings, sink_transposes, merge_relayouts, transpose_pairs, plain_norm_sums and prune, in that
+    order, but those named in ``skip``; returns the model and the counts (0 for a skipped pass).
 
     Raises:
         ExportError: a name in ``skip`` is not one of `PASSES`.
@@ -430,17 +352,3 @@ def optimize_graph(model: onnx.ModelProto, skip: Collection[str] = ()) -> tuple[
             model, count = rewrite(model)
         counts[label] = count
     return model, counts
-
-
-def _fresh(name: str, taken: set) -> str:
-    candidate, i = name, 1
-    while candidate in taken:
-        candidate, i = f"{name}_{i}", i + 1
-    taken.add(candidate)
-    return candidate
-
-
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    return out

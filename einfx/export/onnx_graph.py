@@ -1,0 +1,168 @@
+"""Helpers shared by the whole-graph rewrites of `einfx.export.graph_passes`: reading constants, perms and
+shapes off an ONNX graph, fresh names, copies, and dropping what nothing reads."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+__all__ = ["perm_of", "constant_values", "rename", "reshape_target", "last_dim", "prune", "fresh", "copy_model",
+           "ELEMENTWISE", "Dim", "value_shapes", "dim_product", "divides"]
+
+# A dimension as a monomial: an integer factor times named symbols (the exporter's dim_params, such as
+# "sequence*batch"), symbols sorted. Two dims are known equal when their monomials are; a dim_param that is
+# not a product of integers and names is unknown (None).
+Dim = tuple[int, tuple[str, ...]]
+_FACTOR = re.compile(r"\d+|[A-Za-z_][A-Za-z0-9_]*")
+
+# ops applied entry by entry (with numpy broadcasting of their other operands): they commute with any
+# rearrangement of the entries, so a Transpose can move across them
+ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Gelu", "Erf", "Tanh", "Sigmoid", "Relu", "Sqrt", "Neg", "Exp",
+               "Cast", "Identity", "Abs", "Softplus", "HardSigmoid", "LeakyRelu", "Elu", "Selu"}
+
+
+def perm_of(node: onnx.NodeProto) -> list[int] | None:
+    return next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+
+
+def constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Every value computable from initializers alone through Reshape / Transpose / Identity / Cast / Constant."""
+    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for node in graph.node:
+        try:
+            if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+                values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+            elif not node.input or any(i not in values for i in node.input if i):
+                continue
+            elif node.op_type == "Reshape":
+                data, shape = values[node.input[0]], values[node.input[1]]
+                shape = [d if d != 0 else data.shape[i] for i, d in enumerate(shape.tolist())]
+                values[node.output[0]] = data.reshape(shape)
+            elif node.op_type == "Transpose":
+                perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+                values[node.output[0]] = np.transpose(values[node.input[0]], perm)
+            elif node.op_type == "Identity":
+                values[node.output[0]] = values[node.input[0]]
+            elif node.op_type == "Cast":
+                to = next(a.i for a in node.attribute if a.name == "to")
+                values[node.output[0]] = values[node.input[0]].astype(helper.tensor_dtype_to_np_dtype(to))
+        except (ValueError, KeyError):
+            continue
+    return values
+
+
+def rename(graph: onnx.GraphProto, mapping: dict[str, str]) -> None:
+    """Point every reader of a removed value at its replacement (graph outputs are never removed)."""
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in mapping:
+                node.input[i] = mapping[name]
+
+
+def reshape_target(node: onnx.NodeProto | None, values: dict[str, np.ndarray]) -> list[int] | None:
+    """A Reshape's constant target with at most one -1 and no 0 (copy) entries, else None."""
+    if node is None or node.op_type != "Reshape" or node.input[1] not in values:
+        return None
+    target = [int(d) for d in values[node.input[1]].reshape(-1)]
+    if 0 in target or target.count(-1) > 1 or any(d < -1 for d in target):
+        return None
+    return target
+
+
+def last_dim(name: str, producer: dict, values: dict[str, np.ndarray]) -> int | None:
+    """The last entry of a shape value, when it is a constant or a Concat ending in a constant."""
+    if name in values:
+        return int(values[name].reshape(-1)[-1])
+    node = producer.get(name)
+    if node is not None and node.op_type == "Concat" and node.input and node.input[-1] in values:
+        return int(values[node.input[-1]].reshape(-1)[-1])
+    return None
+
+
+def prune(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Drop nodes whose outputs nothing reads and initializers no node reads; returns the count dropped."""
+    model = copy_model(model)
+    graph = model.graph
+    needed = {o.name for o in graph.output}
+    keep, dropped = [], 0
+    for node in reversed(list(graph.node)):
+        if any(o in needed for o in node.output if o):
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+        else:
+            dropped += 1
+    keep.reverse()
+    del graph.node[:]
+    graph.node.extend(keep)
+    used = [i for i in graph.initializer if i.name in needed]
+    dropped += len(graph.initializer) - len(used)
+    del graph.initializer[:]
+    graph.initializer.extend(used)
+    return model, dropped
+
+
+def fresh(name: str, taken: set) -> str:
+    candidate, i = name, 1
+    while candidate in taken:
+        candidate, i = f"{name}_{i}", i + 1
+    taken.add(candidate)
+    return candidate
+
+
+def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def _dim(d: onnx.TensorShapeProto.Dimension) -> Dim | None:
+    if d.HasField("dim_value"):
+        return int(d.dim_value), ()
+    if not d.HasField("dim_param"):
+        return None
+    coeff, names = 1, []
+    for factor in d.dim_param.replace(" ", "").split("*"):
+        if not _FACTOR.fullmatch(factor):
+            return None
+        if factor.isdigit():
+            coeff *= int(factor)
+        else:
+            names.append(factor)
+    return coeff, tuple(sorted(names))
+
+
+def value_shapes(graph: onnx.GraphProto) -> dict[str, tuple[Dim, ...]]:
+    """The shape of every value the graph declares (value_info, inputs, outputs) whose dims are all known as
+    monomials (`Dim`); values with an unknown rank or dim are left out."""
+    out = {}
+    for v in list(graph.input) + list(graph.value_info) + list(graph.output):
+        t = v.type.tensor_type
+        if not t.HasField("shape"):
+            continue
+        dims = [_dim(d) for d in t.shape.dim]
+        if all(d is not None for d in dims):
+            out[v.name] = tuple(dims)
+    return out
+
+
+def dim_product(dims) -> Dim:
+    coeff, names = 1, []
+    for c, n in dims:
+        coeff *= c
+        names.extend(n)
+    return coeff, tuple(sorted(names))
+
+
+def divides(a: Dim, b: Dim) -> bool:
+    """Whether ``a`` divides ``b`` as monomials (a sufficient condition, never a wrong yes)."""
+    if a[0] == 0 or b[0] % a[0]:
+        return False
+    rest = list(b[1])
+    for name in a[1]:
+        if name not in rest:
+            return False
+        rest.remove(name)
+    return True

@@ -1,0 +1,317 @@
+"""merge_relayouts: Transpose -> Reshapes (with elementwise ops between) -> Transpose becomes one Transpose.
+
+A structured layer leaves its last contraction in its own layout: a BTT at d = 384 = 16 · 24 gives
+(16, 24, n). The exporter relays that to (n, 16, 24), reshapes it to (b, t, 384), adds the bias, and
+attention then splits the heads, (b, t, 12, 32) -> (b, 12, t, 32): two Transposes around Reshapes that hide
+from the runtime that the second undoes part of the first. Written over the layer's layout directly,
+
+    y = Transpose(Reshape(x + bias', (12, 32, b, t)), (2, 0, 3, 1))
+
+is the same tensor with one Transpose: the features (16, 24) are contiguous in x, so they reshape to the
+heads' (12, 32) in place, whatever the two factorizations.
+
+In general, with t = Transpose(x, p) and e the tensor the second Transpose (perm q) reads, the Reshapes
+between them group t's axes and e's axes into runs of equal size (products of dims, symbolic dims such
+as "sequence*batch" compared as monomials). When every run of t comes from consecutive axes of x in order,
+x reshapes into e's dims run by run and one Transpose finishes; when every run of e lands on consecutive
+output axes in order, one Transpose of x gathers each run and a Reshape finishes. Elementwise ops between
+the two (a bias, an activation) move into x's layout, their constants rearranged to match, as in
+`einfx.export.graph_passes.sink_transposes`. Shapes come from the graph's value_info (the exporter writes it);
+a value without a declared shape is left alone.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from einfx.export.onnx_graph import (ELEMENTWISE, Dim, constant_values, copy_model, dim_product, divides, fresh,
+                                     perm_of, prune, value_shapes)
+
+__all__ = ["merge_relayouts", "moves_one_axis"]
+
+
+@dataclass
+class _Merge:
+    first: onnx.NodeProto          # Transpose(x, p)
+    reshapes: list                 # the Reshapes on the way (their outputs read by nothing else)
+    region: list                   # elementwise nodes on the way, in graph order
+    entry: str                     # the value the region reads from the way (None without a region)
+    exit: str                      # the value that leaves the region (x when there is none)
+    last: onnx.NodeProto           # Transpose(e, q)
+    target: str                    # a shape tensor holding e's shape (the last Reshape's target)
+    axis: int                      # the first axis of t that a bias in the region spans
+    order: list                    # positions of e's axes in the new Reshape's target, in order
+    perm: list                     # the merged Transpose's perm
+    reshape_first: bool            # Reshape then Transpose (else Transpose then Reshape)
+
+
+def merge_relayouts(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Transpose -> Reshape(s) and elementwise ops -> Transpose as one Reshape and one Transpose (see the
+    module's docstring); returns the new model and how many Transposes it removed. Exact: the same entries
+    in the same places."""
+    model = copy_model(model)
+    graph = model.graph
+    values = constant_values(graph)
+    shapes = value_shapes(graph)
+    producer = {o: n for n in graph.node for o in n.output}
+    readers = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            readers[name].append(node)
+    outputs = {o.name for o in graph.output}
+    taken = {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output}
+    replace, drop, relaid, count = {}, set(), set(), 0
+    for node in list(graph.node):
+        plan = _plan(node, values, shapes, producer, readers, outputs)
+        if plan is None or any(id(n) in drop for n in [plan.first, plan.last, *plan.reshapes, *plan.region]):
+            continue
+        x = plan.first.input[0]
+        x_shape = shapes[x]
+        p = perm_of(plan.first)
+        t_shape = [x_shape[i] for i in p]
+        inverse = list(np.argsort(p))
+        for r in plan.region:
+            relaid.update(r.output)
+            for i, name in enumerate(r.input):
+                if name == plan.entry:
+                    r.input[i] = x
+                elif name in values and values[name].size == 1 and values[name].ndim > len(x_shape):
+                    new = fresh(f"{name}_scalar", taken)
+                    graph.initializer.append(numpy_helper.from_array(values[name].reshape(()), new))
+                    r.input[i] = new
+                elif name in values and values[name].size > 1:
+                    shaped = values[name].reshape([1] * plan.axis + [d[0] for d in t_shape[plan.axis:]])
+                    new = fresh(f"{name}_relaid", taken)
+                    graph.initializer.append(numpy_helper.from_array(
+                        np.ascontiguousarray(np.transpose(shaped, inverse)), new))
+                    r.input[i] = new
+        base = plan.last.output[0]
+        new_nodes = []
+        if plan.target in values:
+            target = fresh(f"{base}_shape", taken)
+            graph.initializer.append(numpy_helper.from_array(
+                values[plan.target].reshape(-1)[plan.order].astype(np.int64), target))
+        else:
+            index, target = fresh(f"{base}_shape_index", taken), fresh(f"{base}_shape", taken)
+            graph.initializer.append(numpy_helper.from_array(np.array(plan.order, np.int64), index))
+            new_nodes.append(helper.make_node("Gather", [plan.target, index], [target], axis=0, name=target))
+        source = x if not plan.region else plan.exit
+        middle = fresh(f"{base}_merged", taken)
+        if plan.perm == sorted(plan.perm):  # the two Transposes cancel: a Reshape is all that is left
+            new_nodes.append(helper.make_node("Reshape", [source, target], [base], name=base + "_merged_r"))
+        elif plan.reshape_first:
+            new_nodes += [helper.make_node("Reshape", [source, target], [middle], name=middle),
+                          helper.make_node("Transpose", [middle], [base], perm=plan.perm, name=base + "_merged_t")]
+        else:
+            new_nodes += [helper.make_node("Transpose", [source], [middle], perm=plan.perm, name=middle),
+                          helper.make_node("Reshape", [middle, target], [base], name=base + "_merged_r")]
+        replace[id(plan.last)] = new_nodes
+        drop.update({id(plan.first)} | {id(r) for r in plan.reshapes})
+        count += 1
+    if not count:
+        return model, 0
+    for v in [v for v in graph.value_info if v.name in relaid]:  # their shapes are x's layout's now
+        graph.value_info.remove(v)
+    new = []
+    for node in graph.node:
+        if id(node) not in drop:
+            new.extend(replace.get(id(node), [node]))
+    del graph.node[:]
+    graph.node.extend(new)
+    return prune(model)[0], count
+
+
+def _plan(first, values, shapes, producer, readers, outputs) -> _Merge | None:
+    if first.op_type != "Transpose" or first.domain not in ("", "ai.onnx") or perm_of(first) is None:
+        return None
+    x, p = first.input[0], perm_of(first)
+    if x in values or x not in shapes or len(shapes[x]) != len(p) or first.output[0] in outputs:
+        return None
+    t_shape = [shapes[x][i] for i in p]
+    way = _way(first, readers, outputs)
+    if way is None:
+        return None
+    reshapes, region, entry, exit_, last = way
+    if not reshapes or last.input[0] not in shapes or perm_of(last) is None:
+        return None
+    e_shape, q = list(shapes[last.input[0]]), perm_of(last)
+    if len(q) != len(e_shape):
+        return None
+    axis = len(t_shape)
+    if region:
+        axis = _bias_axis(region, entry, t_shape, values, shapes)
+        if axis is None:
+            return None
+    target = reshapes[-1].input[1]
+    if not _plain_target(target, values, producer, len(e_shape)):
+        return None
+    runs = _runs(t_shape, e_shape)
+    if runs is None:
+        return None
+    # Reshape x into e's dims run by run, then one Transpose: each run of t is consecutive axes of x, in order
+    if all(p[i0:i1] == list(range(p[i0], p[i0] + i1 - i0)) for (i0, i1), _ in runs):
+        in_x = sorted(runs, key=lambda r: p[r[0][0]])
+        order = [j for _, (j0, j1) in in_x for j in range(j0, j1)]
+        perm = [order.index(j) for j in q]
+        if not moves_one_axis(perm, [e_shape[j] for j in order]):
+            return None
+        return _Merge(first, reshapes, region, entry, exit_, last, target, axis, order, perm, True)
+    # one Transpose gathering each run of x, then Reshape: each run of e lands on consecutive output axes, in order
+    out = {}
+    for run in runs:
+        (j0, j1) = run[1]
+        where = [m for m, j in enumerate(q) if j0 <= j < j1]
+        if [q[m] for m in where] != list(range(j0, j1)) or where != list(range(where[0], where[0] + len(where))):
+            return None
+        out[where[0]] = run
+    perm = [p[i] for m in sorted(out) for i in range(*out[m][0])]
+    if not moves_one_axis(perm, list(shapes[x])):
+        return None
+    return _Merge(first, reshapes, region, entry, exit_, last, target, axis, list(q), perm, False)
+
+
+def moves_one_axis(perm: list[int], dims: list[Dim]) -> bool:
+    """Whether a Transpose of ``dims`` by ``perm`` moves a single block of axes, once unit axes are dropped and
+    axes that stay neighbours are merged: a plain or batched 2-D transpose, or rows moved whole. Runtimes run
+    those at copy speed; onnxruntime ran a general 4-D perm such as (2, 0, 3, 1) at (12, 32, 8, 128) 6x slower
+    than either of the two one-block Transposes it replaced."""
+    kept = [a for a in perm if dims[a] != (1, ())]
+    rank = {a: i for i, a in enumerate(sorted(kept))}
+    kept = [rank[a] for a in kept]
+    merged = [a for k, a in enumerate(kept) if k == 0 or kept[k - 1] != a - 1]
+    rank = {a: i for i, a in enumerate(sorted(merged))}
+    merged = [rank[a] for a in merged]
+    return any(merged[:k] + merged[k + 1:] == sorted(merged[:k] + merged[k + 1:]) for k in range(len(merged))) \
+        or len(merged) <= 1
+
+
+def _way(first, readers, outputs):
+    """From ``first``'s output to the next Transpose: Reshapes and one elementwise region, every value on the way
+    read only on it; (reshapes, region nodes, the region's entry, its exit, the last Transpose) or None."""
+    reshapes, region, entry, exit_ = [], [], None, None
+    name = first.output[0]
+    while True:
+        users = readers[name]
+        if name in outputs or not users:
+            return None
+        if len(users) == 1 and users[0].input[0] == name and users[0].op_type == "Transpose" \
+                and users[0].domain in ("", "ai.onnx"):
+            return reshapes, region, entry, exit_, users[0]
+        if len(users) == 1 and users[0].op_type == "Reshape" and users[0].input[0] == name:
+            reshapes.append(users[0])
+            name = users[0].output[0]
+            continue
+        if region:
+            return None  # one elementwise region on the way at most
+        found = _region(name, readers, outputs)
+        if found is None:
+            return None
+        region, exit_ = found
+        entry, name = name, exit_
+
+
+def _region(entry, readers, outputs):
+    """The elementwise nodes reachable from ``entry`` until one value leaves them for a non-elementwise reader;
+    (nodes, that value) or None when the region has other exits."""
+    nodes, seen, frontier, exits = [], set(), [entry], set()
+    while frontier:
+        name = frontier.pop()
+        for node in readers[name]:
+            if id(node) in seen:
+                continue
+            if node.op_type in ELEMENTWISE and node.domain in ("", "ai.onnx") \
+                    and not any(o in outputs for o in node.output):
+                seen.add(id(node))
+                nodes.append(node)
+                frontier.extend(node.output)
+            else:
+                exits.add(name)
+    if not nodes or len(exits) != 1:
+        return None
+    exit_ = exits.pop()
+    if exit_ == entry or len(readers[exit_]) != 1 or exit_ in outputs:
+        return None
+    for node in nodes:  # a region value is read in the region, or it is the exit
+        for o in node.output:
+            if o != exit_ and any(id(r) not in seen for r in readers[o]):
+                return None
+    return nodes, exit_
+
+
+def _bias_axis(region, entry, t_shape, values, shapes) -> int | None:
+    """The first axis of t whose trailing axes make the region's last axis, where its constants may vary (a
+    bias); None when a region operand is not a constant, a scalar or such a bias."""
+    if entry not in shapes:
+        return None
+    entry_shape = shapes[entry]
+    width = entry_shape[-1]
+    if width[1]:
+        return None
+    axis, span = len(t_shape), 1
+    while axis > 0 and span < width[0] and not t_shape[axis - 1][1]:
+        axis, span = axis - 1, span * t_shape[axis - 1][0]
+    inside = {entry} | {o for n in region for o in n.output}
+    for node in region:
+        for i in node.input:
+            if not i or i in inside:
+                continue
+            if i not in values:
+                return None
+            c = values[i]
+            if c.ndim > len(entry_shape):
+                return None  # it would grow the rank
+            if c.size > 1 and not (span == width[0] and c.size == width[0] and c.shape[-1] == width[0]):
+                return None
+    return axis
+
+
+def _plain_target(name, values, producer, rank) -> bool:
+    """Whether a Reshape target never copies an input dim (no 0 entry): a constant without 0, or a Concat of
+    such constants and Shape slices (the dims of real tensors)."""
+    if name in values:
+        v = values[name].reshape(-1)
+        return v.size == rank and 0 not in v.tolist()
+    node = producer.get(name)
+    if node is None or node.op_type != "Concat":
+        return False
+    for i in node.input:
+        if i in values:
+            if 0 in values[i].reshape(-1).tolist():
+                return False
+        elif producer.get(i) is None or producer[i].op_type != "Shape":
+            return False
+    return True
+
+
+def _runs(a: list[Dim], b: list[Dim]):
+    """Split two shapes of the same size into runs of consecutive axes of equal products:
+    [((i0, i1), (j0, j1)), ...], or None when the dims do not allow it as far as monomials tell."""
+    runs, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        i0, j0 = i, j
+        pa, pb = a[i], b[j]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            # grow the side known to be the smaller: a divisor, or the smaller factor over the same names
+            grow_a = divides(pa, pb) or (pa[1] == pb[1] and pa[0] < pb[0])
+            grow_b = divides(pb, pa) or (pa[1] == pb[1] and pb[0] < pa[0])
+            if grow_a and i < len(a):
+                pa, i = dim_product([pa, a[i]]), i + 1
+            elif grow_b and j < len(b):
+                pb, j = dim_product([pb, b[j]]), j + 1
+            else:
+                return None
+        runs.append(((i0, i), (j0, j)))
+    if not runs:
+        return None
+    # trailing unit dims join the last run
+    if any(d != (1, ()) for d in a[i:]) or any(d != (1, ()) for d in b[j:]):
+        return None
+    (i0, _), (j0, _) = runs[-1]
+    runs[-1] = ((i0, len(a)), (j0, len(b)))
+    return runs
