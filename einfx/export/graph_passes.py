@@ -38,8 +38,8 @@ from onnx import helper, numpy_helper
 
 from einfx.errors import ExportError
 from einfx.export.relayouts import merge_relayouts
-from einfx.export.onnx_graph import (ELEMENTWISE, constant_values, copy_model, fresh, last_dim, perm_of,
-                                      prune, rename, reshape_target)
+from einfx.export.onnx_graph import (ELEMENTWISE, constant_values, copy_model, fresh, graph_index, last_dim,
+                                      perm_of, prune, relay_region, rename, reshape_target)
 
 __all__ = ["optimize_graph", "PASSES", "dedupe", "fuse_siblings", "prune", "sink_transposes", "merge_relayouts",
            "transpose_pairs", "plain_norm_sums", "constant_values"]
@@ -194,40 +194,17 @@ def sink_transposes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     model = copy_model(model)
     graph = model.graph
     values = constant_values(graph)
-    producer = {o: n for n in graph.node for o in n.output}
-    readers = defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            readers[name].append(node)
-    outputs = {o.name for o in graph.output}
-    existing = {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output}
+    producer, readers, outputs, existing = graph_index(graph)
     replace, drop, relaid, count = {}, set(), set(), 0
     for t_node in list(graph.node):
         plan = _sinkable(t_node, values, producer, readers, outputs)
         if plan is None or id(t_node) in drop or any(id(n) in drop for n in plan[0] + plan[1]):
             continue
         chain, region, r2, x_shape, axis = plan
-        r1 = chain[-1]
         p = perm_of(t_node)
-        inverse = list(np.argsort(p))
         t_shape = [x_shape[q] for q in p]
-        x = t_node.input[0]
-        for node in region:
-            relaid.update(node.output)
-            for i, name in enumerate(node.input):
-                if name == r1.output[0]:
-                    node.input[i] = x
-                elif name in values and values[name].size == 1 and values[name].ndim > len(x_shape):
-                    new = fresh(f"{name}_scalar", existing)  # a rank above x's would grow the result's rank
-                    graph.initializer.append(numpy_helper.from_array(values[name].reshape(()), new))
-                    node.input[i] = new
-                elif name in values and values[name].size > 1:
-                    c = values[name]
-                    shaped = c.reshape([1] * axis + [int(d) for d in t_shape[axis:]])
-                    new = fresh(f"{name}_sunk", existing)
-                    graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(
-                        np.transpose(shaped, inverse)), new))
-                    node.input[i] = new
+        relaid |= relay_region(graph, region, chain[-1].output[0], t_node.input[0], p,
+                               [int(d) for d in t_shape[axis:]], axis, values, existing, "sunk")
         moved = fresh(f"{r2.output[0]}_sunk", existing)
         replace[id(r2)] = helper.make_node("Transpose", [r2.input[0]], [r2.output[0]], perm=p, name=moved)
         drop.update({id(t_node)} | {id(r) for r in chain})

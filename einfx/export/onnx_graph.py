@@ -4,13 +4,14 @@ shapes off an ONNX graph, fresh names, copies, and dropping what nothing reads."
 from __future__ import annotations
 
 import re
+from collections import defaultdict
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 __all__ = ["perm_of", "constant_values", "rename", "reshape_target", "last_dim", "prune", "fresh", "copy_model",
-           "ELEMENTWISE", "Dim", "value_shapes", "dim_product", "divides"]
+           "ELEMENTWISE", "Dim", "value_shapes", "dim_product", "divides", "graph_index", "relay_region"]
 
 # A dimension as a monomial: an integer factor times named symbols (the exporter's dim_params, such as
 # "sequence*batch"), symbols sorted. Two dims are known equal when their monomials are; a dim_param that is
@@ -166,3 +167,42 @@ def divides(a: Dim, b: Dim) -> bool:
             return False
         rest.remove(name)
     return True
+
+
+def graph_index(graph: onnx.GraphProto) -> tuple[dict, dict, set, set]:
+    """(value -> its producing node, value -> the nodes reading it, the graph's output names, every name taken
+    by an initializer or a node output) of ``graph``."""
+    producer = {o: n for n in graph.node for o in n.output}
+    readers = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            readers[name].append(node)
+    outputs = {o.name for o in graph.output}
+    taken = {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output}
+    return producer, readers, outputs, taken
+
+
+def relay_region(graph: onnx.GraphProto, region, entry: str, x: str, perm: list[int], tail: list[int], axis: int,
+                 values: dict[str, np.ndarray], taken: set, suffix: str) -> set[str]:
+    """Point the elementwise ``region`` that read ``entry`` = (a reshape of) Transpose(x, perm) at ``x`` itself:
+    a bias that varies along the trailing axes ``axis:`` of the transposed tensor (their dims ``tail``) is
+    rearranged into x's layout, and a scalar of a rank above x's becomes rank 0 (it would grow the result's
+    rank); returns the region's outputs, whose declared shapes are stale now."""
+    inverse = list(np.argsort(perm))
+    relaid = set()
+    for node in region:
+        relaid.update(node.output)
+        for i, name in enumerate(node.input):
+            if name == entry:
+                node.input[i] = x
+            elif name in values and values[name].size == 1 and values[name].ndim > len(perm):
+                new = fresh(f"{name}_scalar", taken)
+                graph.initializer.append(numpy_helper.from_array(values[name].reshape(()), new))
+                node.input[i] = new
+            elif name in values and values[name].size > 1:
+                shaped = values[name].reshape([1] * axis + list(tail))
+                new = fresh(f"{name}_{suffix}", taken)
+                graph.initializer.append(numpy_helper.from_array(
+                    np.ascontiguousarray(np.transpose(shaped, inverse)), new))
+                node.input[i] = new
+    return relaid

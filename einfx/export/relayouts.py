@@ -22,7 +22,6 @@ a value without a declared shape is left alone.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +29,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from einfx.export.onnx_graph import (ELEMENTWISE, Dim, constant_values, copy_model, dim_product, divides, fresh,
-                                     perm_of, prune, value_shapes)
+                                     graph_index, perm_of, prune, relay_region, value_shapes)
 
 __all__ = ["merge_relayouts", "moves_one_axis"]
 
@@ -39,7 +38,7 @@ __all__ = ["merge_relayouts", "moves_one_axis"]
 class _Merge:
     first: onnx.NodeProto          # Transpose(x, p)
     reshapes: list                 # the Reshapes on the way (their outputs read by nothing else)
-    region: list                   # elementwise nodes on the way, in graph order
+    region: list                   # elementwise nodes on the way (they stay where they are in the graph)
     entry: str                     # the value the region reads from the way (None without a region)
     exit: str                      # the value that leaves the region (x when there is none)
     last: onnx.NodeProto           # Transpose(e, q)
@@ -58,38 +57,17 @@ def merge_relayouts(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     graph = model.graph
     values = constant_values(graph)
     shapes = value_shapes(graph)
-    producer = {o: n for n in graph.node for o in n.output}
-    readers = defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            readers[name].append(node)
-    outputs = {o.name for o in graph.output}
-    taken = {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output}
+    producer, readers, outputs, taken = graph_index(graph)
     replace, drop, relaid, count = {}, set(), set(), 0
     for node in list(graph.node):
         plan = _plan(node, values, shapes, producer, readers, outputs)
         if plan is None or any(id(n) in drop for n in [plan.first, plan.last, *plan.reshapes, *plan.region]):
             continue
         x = plan.first.input[0]
-        x_shape = shapes[x]
         p = perm_of(plan.first)
-        t_shape = [x_shape[i] for i in p]
-        inverse = list(np.argsort(p))
-        for r in plan.region:
-            relaid.update(r.output)
-            for i, name in enumerate(r.input):
-                if name == plan.entry:
-                    r.input[i] = x
-                elif name in values and values[name].size == 1 and values[name].ndim > len(x_shape):
-                    new = fresh(f"{name}_scalar", taken)
-                    graph.initializer.append(numpy_helper.from_array(values[name].reshape(()), new))
-                    r.input[i] = new
-                elif name in values and values[name].size > 1:
-                    shaped = values[name].reshape([1] * plan.axis + [d[0] for d in t_shape[plan.axis:]])
-                    new = fresh(f"{name}_relaid", taken)
-                    graph.initializer.append(numpy_helper.from_array(
-                        np.ascontiguousarray(np.transpose(shaped, inverse)), new))
-                    r.input[i] = new
+        t_shape = [shapes[x][i] for i in p]
+        relaid |= relay_region(graph, plan.region, plan.entry, x, p, [d[0] for d in t_shape[plan.axis:]], plan.axis,
+                               values, taken, "relaid")
         base = plan.last.output[0]
         new_nodes = []
         if plan.target in values:
@@ -101,8 +79,8 @@ def merge_relayouts(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             graph.initializer.append(numpy_helper.from_array(np.array(plan.order, np.int64), index))
             new_nodes.append(helper.make_node("Gather", [plan.target, index], [target], axis=0, name=target))
         source = x if not plan.region else plan.exit
-        middle = fresh(f"{base}_merged", taken)
-        if plan.perm == sorted(plan.perm):  # the two Transposes cancel: a Reshape is all that is left
+        middle = None if plan.perm == sorted(plan.perm) else fresh(f"{base}_merged", taken)
+        if middle is None:  # the two Transposes cancel: a Reshape is all that is left
             new_nodes.append(helper.make_node("Reshape", [source, target], [base], name=base + "_merged_r"))
         elif plan.reshape_first:
             new_nodes += [helper.make_node("Reshape", [source, target], [middle], name=middle),
