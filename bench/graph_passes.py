@@ -38,8 +38,8 @@ from _timing import machine_description, median_times, write_result  # noqa: E40
 
 STRUCTURES = {"btt(4)": Structure.btt(rank=4), "btt(1)": Structure.btt(rank=1),
               "low_rank(1/4)": Structure.low_rank(rank_frac=0.25)}
-VARIANTS = {"no graph passes": None, "passes without sinking": ("sink_transposes",), "all passes": (),
-            "timed choice": "choose"}
+VARIANTS = {"no graph passes": None, "passes without sinking": ("sink_transposes",),
+            "passes without attention biases": ("attention_biases",), "all passes": (), "timed choice": "choose"}
 
 
 def _counts(counts: dict) -> str:
@@ -61,7 +61,7 @@ def run(batch: int, length: int) -> list[list[str]]:
                 raw = os.path.join(folder, f"{label}-{runtime}.onnx".replace("/", "_"))
                 einfx.export.to_onnx(optimized, example, raw, latency_repeats=0, runtime=runtime,
                                      tokens=batch * length, threads=THREADS, graph_passes=False)
-                for variant, skip in VARIANTS.items():
+                for number, (variant, skip) in enumerate(VARIANTS.items()):
                     path = raw
                     counts = {}
                     if skip == "choose":
@@ -71,7 +71,7 @@ def run(batch: int, length: int) -> list[list[str]]:
                         onnx.save(rewritten, path)
                     elif skip is not None:
                         rewritten, counts = optimize_graph(onnx.load(raw), skip=skip)
-                        path = raw.replace(".onnx", f"-{len(skip)}.onnx")
+                        path = raw.replace(".onnx", f"-{number}.onnx")
                         onnx.save(rewritten, path)
                     files[(label, variant)] = path
                     info[(label, variant)] = (activation_transposes(path), _counts(counts))

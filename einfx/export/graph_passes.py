@@ -3,6 +3,9 @@
     dedupe            common-subexpression elimination: nodes with the same op, attributes and inputs (small
                       constant inputs compared by value) become one; q, k and v's identical input reshapes and
                       transposes collapse to one
+    attention_biases  attention's key bias dropped (the softmax removes the shift it makes) and its value bias
+                      carried through the linear ops after attention into the output projection's bias (the
+                      softmax's rows sum to 1) (`einfx.export.biases`): two activation-sized Adds fewer a block
     fuse_siblings     MatMuls that read the same activation against constant right operands of the same batch
                       and contraction sizes become one MatMul against the operands concatenated on the last
                       axis, then a Split: q/k/v (or LLaMA's gate/up) run one GEMM instead of three
@@ -37,12 +40,13 @@ import onnx
 from onnx import helper, numpy_helper
 
 from einfx.errors import ExportError
+from einfx.export.biases import attention_biases
 from einfx.export.relayouts import merge_relayouts
 from einfx.export.onnx_graph import (ELEMENTWISE, constant_values, copy_model, fresh, graph_index, last_dim,
                                       perm_of, prune, relay_region, rename, reshape_target)
 
-__all__ = ["optimize_graph", "PASSES", "dedupe", "fuse_siblings", "prune", "sink_transposes", "merge_relayouts",
-           "transpose_pairs", "plain_norm_sums", "constant_values"]
+__all__ = ["optimize_graph", "PASSES", "dedupe", "attention_biases", "fuse_siblings", "prune", "sink_transposes",
+           "merge_relayouts", "transpose_pairs", "plain_norm_sums", "constant_values"]
 
 # a constant input this small is compared by value in dedupe (shapes, axes, perms), larger ones by name
 _SMALL = 64
@@ -304,7 +308,8 @@ def plain_norm_sums(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 
 
 # the passes in the order optimize_graph runs them, each with the name of its count in the report
-_PASSES = {"dedupe": (dedupe, "deduplicated"), "fuse_siblings": (fuse_siblings, "sibling matmuls fused"),
+_PASSES = {"dedupe": (dedupe, "deduplicated"), "attention_biases": (attention_biases, "attention biases folded"),
+           "fuse_siblings": (fuse_siblings, "sibling matmuls fused"),
            "sink_transposes": (sink_transposes, "transposes sunk"),
            "merge_relayouts": (merge_relayouts, "relayouts merged"),
            "transpose_pairs": (transpose_pairs, "transpose pairs"),
@@ -313,8 +318,9 @@ PASSES = tuple(_PASSES)
 
 
 def optimize_graph(model: onnx.ModelProto, skip: Collection[str] = ()) -> tuple[onnx.ModelProto, dict[str, int]]:
-    """dedupe, fuse_siblings, sink_transposes, merge_relayouts, transpose_pairs, plain_norm_sums and prune, in that
-    order, but those named in ``skip``; returns the model and the counts (0 for a skipped pass).
+    """dedupe, attention_biases, fuse_siblings, sink_transposes, merge_relayouts, transpose_pairs,
+    plain_norm_sums and prune, in that order, but those named in ``skip``; returns the model and the counts (0
+    for a skipped pass).
 
     Raises:
         ExportError: a name in ``skip`` is not one of `PASSES`.

@@ -11,7 +11,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 __all__ = ["perm_of", "constant_values", "rename", "reshape_target", "last_dim", "prune", "fresh", "copy_model",
-           "ELEMENTWISE", "Dim", "value_shapes", "dim_product", "divides", "graph_index", "relay_region"]
+           "ELEMENTWISE", "Dim", "value_shapes", "dim_product", "divides", "graph_index", "relay_region", "runs"]
 
 # A dimension as a monomial: an integer factor times named symbols (the exporter's dim_params, such as
 # "sequence*batch"), symbols sorted. Two dims are known equal when their monomials are; a dim_param that is
@@ -206,3 +206,32 @@ def relay_region(graph: onnx.GraphProto, region, entry: str, x: str, perm: list[
                     np.ascontiguousarray(np.transpose(shaped, inverse)), new))
                 node.input[i] = new
     return relaid
+
+
+def runs(a: list[Dim], b: list[Dim]):
+    """Split two shapes of the same size into runs of consecutive axes of equal products:
+    [((i0, i1), (j0, j1)), ...], or None when the dims do not allow it as far as monomials tell."""
+    runs, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        i0, j0 = i, j
+        pa, pb = a[i], b[j]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            # grow the side known to be the smaller: a divisor, or the smaller factor over the same names
+            grow_a = divides(pa, pb) or (pa[1] == pb[1] and pa[0] < pb[0])
+            grow_b = divides(pb, pa) or (pa[1] == pb[1] and pb[0] < pa[0])
+            if grow_a and i < len(a):
+                pa, i = dim_product([pa, a[i]]), i + 1
+            elif grow_b and j < len(b):
+                pb, j = dim_product([pb, b[j]]), j + 1
+            else:
+                return None
+        runs.append(((i0, i), (j0, j)))
+    if not runs:
+        return None
+    # trailing unit dims join the last run
+    if any(d != (1, ()) for d in a[i:]) or any(d != (1, ()) for d in b[j:]):
+        return None
+    (i0, _), (j0, _) = runs[-1]
+    runs[-1] = ((i0, len(a)), (j0, len(b)))
+    return runs

@@ -28,8 +28,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from einfx.export.onnx_graph import (ELEMENTWISE, Dim, constant_values, copy_model, dim_product, divides, fresh,
-                                     graph_index, perm_of, prune, relay_region, value_shapes)
+from einfx.export.onnx_graph import (ELEMENTWISE, Dim, constant_values, copy_model, fresh,
+                                     graph_index, perm_of, prune, relay_region, runs, value_shapes)
 
 __all__ = ["merge_relayouts", "moves_one_axis"]
 
@@ -128,12 +128,12 @@ def _plan(first, values, shapes, producer, readers, outputs) -> _Merge | None:
     target = reshapes[-1].input[1]
     if not _plain_target(target, values, producer, len(e_shape)):
         return None
-    runs = _runs(t_shape, e_shape)
-    if runs is None:
+    pairs = runs(t_shape, e_shape)
+    if pairs is None:
         return None
     # Reshape x into e's dims run by run, then one Transpose: each run of t is consecutive axes of x, in order
-    if all(p[i0:i1] == list(range(p[i0], p[i0] + i1 - i0)) for (i0, i1), _ in runs):
-        in_x = sorted(runs, key=lambda r: p[r[0][0]])
+    if all(p[i0:i1] == list(range(p[i0], p[i0] + i1 - i0)) for (i0, i1), _ in pairs):
+        in_x = sorted(pairs, key=lambda r: p[r[0][0]])
         order = [j for _, (j0, j1) in in_x for j in range(j0, j1)]
         perm = [order.index(j) for j in q]
         if not moves_one_axis(perm, [e_shape[j] for j in order]):
@@ -141,7 +141,7 @@ def _plan(first, values, shapes, producer, readers, outputs) -> _Merge | None:
         return _Merge(first, reshapes, region, entry, exit_, last, target, axis, order, perm, True)
     # one Transpose gathering each run of x, then Reshape: each run of e lands on consecutive output axes, in order
     out = {}
-    for run in runs:
+    for run in pairs:
         (j0, j1) = run[1]
         where = [m for m, j in enumerate(q) if j0 <= j < j1]
         if [q[m] for m in where] != list(range(j0, j1)) or where != list(range(where[0], where[0] + len(where))):
@@ -264,32 +264,3 @@ def _plain_target(name, values, producer, rank) -> bool:
         elif producer.get(i) is None or producer[i].op_type != "Shape":
             return False
     return True
-
-
-def _runs(a: list[Dim], b: list[Dim]):
-    """Split two shapes of the same size into runs of consecutive axes of equal products:
-    [((i0, i1), (j0, j1)), ...], or None when the dims do not allow it as far as monomials tell."""
-    runs, i, j = [], 0, 0
-    while i < len(a) and j < len(b):
-        i0, j0 = i, j
-        pa, pb = a[i], b[j]
-        i, j = i + 1, j + 1
-        while pa != pb:
-            # grow the side known to be the smaller: a divisor, or the smaller factor over the same names
-            grow_a = divides(pa, pb) or (pa[1] == pb[1] and pa[0] < pb[0])
-            grow_b = divides(pb, pa) or (pa[1] == pb[1] and pb[0] < pa[0])
-            if grow_a and i < len(a):
-                pa, i = dim_product([pa, a[i]]), i + 1
-            elif grow_b and j < len(b):
-                pb, j = dim_product([pb, b[j]]), j + 1
-            else:
-                return None
-        runs.append(((i0, i), (j0, j)))
-    if not runs:
-        return None
-    # trailing unit dims join the last run
-    if any(d != (1, ()) for d in a[i:]) or any(d != (1, ()) for d in b[j:]):
-        return None
-    (i0, _), (j0, _) = runs[-1]
-    runs[-1] = ((i0, len(a)), (j0, len(b)))
-    return runs

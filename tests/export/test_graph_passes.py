@@ -163,7 +163,7 @@ def test_passes_can_be_skipped_by_name():
     model = _ffn_graph()
     _, counts = optimize_graph(model, skip=("sink_transposes",))
     assert counts["transposes sunk"] == 0 and counts["transpose pairs"] == 0
-    with pytest.raises(einfx.errors.ExportError, match=r"\['sink'\] are unknown; valid: dedupe, fuse_siblings"):
+    with pytest.raises(einfx.errors.ExportError, match=r"\['sink'\] are unknown; valid: dedupe, attention_biases, fuse_siblings"):
         optimize_graph(model, skip=("sink",))
 
 
