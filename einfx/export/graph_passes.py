@@ -27,7 +27,8 @@
 Constant right operands are evaluated with numpy through the weight-side ops the exporter emits (Reshape,
 Transpose, Identity, Cast, Constant), so the fused operand is a single pre-arranged initializer. Every
 rewrite keeps the node order topological and the values bit-for-bit what they were, up to the runtime's
-GEMM blocking (to_onnx verifies the result against torch).
+GEMM blocking, but attention_biases, which is exact in real arithmetic and moves float32 rounding only
+(to_onnx verifies the result against torch).
 """
 
 from __future__ import annotations
