@@ -25,8 +25,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from einfx.export.onnx_graph import (Dim, constant_values, copy_model, fresh, graph_index, prune, rename, runs,
-                                     value_shapes)
+from einfx.export.onnx_graph import (Dim, constant_values, copy_model, fresh, graph_index, perm_of, prune, rename,
+                                     runs, value_shapes)
 
 __all__ = ["attention_biases", "relay_constant"]
 
@@ -42,7 +42,7 @@ def attention_biases(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     values = constant_values(graph)
     shapes = value_shapes(graph)
     producer, readers, outputs, taken = graph_index(graph)
-    gone, count = {}, 0
+    gone = {}
 
     def single(name):
         return len(readers[name]) == 1 and name not in outputs
@@ -51,7 +51,7 @@ def attention_biases(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         p = softmax.output[0]
         if not _over_last_axis(softmax, shapes):
             continue
-        scores = _scores(softmax.input[0], values, shapes, producer, single)
+        scores = _scores(softmax.input[0], values, producer, single)
         if scores is not None:
             found = _bias(scores.input[1], values, shapes, producer, single)
             if found is not None and found[1].shape[-1] == 1 and id(found[0]) not in gone:
@@ -72,13 +72,11 @@ def attention_biases(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             values[name] = merged
             gone[id(found[0])] = found[0]
     for add in gone.values():
-        data = add.input[0] if add.input[1] in values else add.input[1]
-        rename(graph, {add.output[0]: data})
-        count += 1
+        rename(graph, {add.output[0]: _data_inputs(add, values)[0]})
     keep = [n for n in graph.node if id(n) not in gone]
     del graph.node[:]
     graph.node.extend(keep)
-    return prune(model)[0], count
+    return prune(model)[0], len(gone)
 
 
 def relay_constant(c: np.ndarray, node: onnx.NodeProto, values: dict[str, np.ndarray],
@@ -91,8 +89,7 @@ def relay_constant(c: np.ndarray, node: onnx.NodeProto, values: dict[str, np.nda
     if op == "Identity":
         return c
     if op == "Transpose":
-        perm = [a.ints for a in node.attribute if a.name == "perm"]
-        return np.transpose(c, list(perm[0]) if perm else None)
+        return np.transpose(c, perm_of(node))
     if op == "Reshape":
         before, after = shapes.get(node.input[0]), shapes.get(node.output[0])
         if before is None or after is None or len(before) != c.ndim:
@@ -140,7 +137,7 @@ def _over_last_axis(softmax, shapes) -> bool:
     return axis == -1 or (rank and axis == rank - 1)
 
 
-def _scores(name, values, shapes, producer, single):
+def _scores(name, values, producer, single):
     """The MatMul q @ kᵀ whose output reaches the Softmax input ``name`` through ops that change each row by
     a shift or a positive-or-negative scale that is constant along the last axis, or None."""
     while True:
@@ -232,8 +229,6 @@ def _fold_target(name, c, values, shapes, readers, single):
             if bias.ndim > c.ndim:
                 return None
             merged = bias + c
-            if merged.shape != np.broadcast_shapes(bias.shape, c.shape) or merged.ndim > c.ndim:
-                return None
             while merged.ndim > bias.ndim and merged.shape[0] == 1:
                 merged = merged[0]
             return node, slot, merged

@@ -149,18 +149,13 @@ def transpose_pairs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     where the inner Transpose has no other reader)."""
     model = copy_model(model)
     graph = model.graph
-    readers = defaultdict(int)
-    for node in graph.node:
-        for name in node.input:
-            readers[name] += 1
-    producer = {o: n for n in graph.node for o in n.output}
-    outputs = {o.name for o in graph.output}
+    producer, readers, outputs, _ = graph_index(graph)
     mapping, drop, count = {}, set(), 0
     for node in graph.node:
         if node.op_type != "Transpose":
             continue
         inner = producer.get(node.input[0])
-        if inner is None or inner.op_type != "Transpose" or readers[inner.output[0]] != 1 \
+        if inner is None or inner.op_type != "Transpose" or len(readers[inner.output[0]]) != 1 \
                 or inner.output[0] in outputs:
             continue
         p, q = perm_of(inner), perm_of(node)
