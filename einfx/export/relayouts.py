@@ -18,6 +18,12 @@ output axes in order, one Transpose of x gathers each run and a Reshape finishes
 the two (a bias, an activation) move into x's layout, their constants rearranged to match, as in
 `einfx.export.graph_passes.sink_transposes`. Shapes come from the graph's value_info (the exporter writes it);
 a value without a declared shape is left alone.
+
+When the merge would need a general 4-D perm, and a GEMM with a constant core sits next to the relayout (the
+layer's last contraction before it, or its first after a head merge), that GEMM may be computed transposed,
+yᵀ = xᵀ Cᵀ, which writes the tokens in the middle instead of last: with a factorization aligned to the heads
+(12 x 32, `einfx.structures.factorize`) the relayout and the head split (or merge) then become one Transpose
+that moves a single axis, and the Transpose on the GEMM's other side changes its perm without growing.
 """
 
 from __future__ import annotations
@@ -61,6 +67,8 @@ def merge_relayouts(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     replace, drop, relaid, count = {}, set(), set(), 0
     for node in list(graph.node):
         plan = _plan(node, values, shapes, producer, readers, outputs)
+        if plan is None:
+            plan = _flipped(node, graph, values, shapes, producer, readers, outputs, taken, drop)
         if plan is None or any(id(n) in drop for n in [plan.first, plan.last, *plan.reshapes, *plan.region]):
             continue
         x = plan.first.input[0]
@@ -91,7 +99,7 @@ def merge_relayouts(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         replace[id(plan.last)] = new_nodes
         drop.update({id(plan.first)} | {id(r) for r in plan.reshapes})
         count += 1
-    if not count:
+    if not count and not drop:
         return model, 0
     for v in [v for v in graph.value_info if v.name in relaid]:  # their shapes are x's layout's now
         graph.value_info.remove(v)
@@ -151,6 +159,163 @@ def _plan(first, values, shapes, producer, readers, outputs) -> _Merge | None:
     if not moves_one_axis(perm, list(shapes[x])):
         return None
     return _Merge(first, reshapes, region, entry, exit_, last, target, axis, list(q), perm, False)
+
+
+def _flipped(first, graph, values, shapes, producer, readers, outputs, taken, drop) -> _Merge | None:
+    """The merge of ``first`` once a GEMM next to it is computed the other way round, or None.
+
+    A layer's contraction y = C · X (C a constant (B, K, R) core, y (B, K, N)) puts the tokens last; the same
+    GEMM as yᵀ = Xᵀ · Cᵀ writes (B, N, K) for the same work (and X · C the other way round). Where a relayout
+    and a head split or merge cannot become one Transpose (it would be a general 4-D perm), the other
+    orientation often can:
+
+    - output side: ``first`` relays the layer's last GEMM output y (through an identity Reshape at most) and X
+      is a Transpose; X's perm and ``first``'s are composed with (0, 2, 1);
+    - input side: ``first`` (attention's head merge) reaches, through Reshapes, the Transpose X that feeds the
+      layer's first GEMM, whose output y goes to one Transpose (through an identity Reshape at most); X's perm
+      and that Transpose's are composed with (0, 2, 1).
+
+    The Transpose on the far side must still move one block of axes, and the graph is changed only when the
+    merge is planned."""
+    if first.op_type != "Transpose" or perm_of(first) is None or first.input[0] in values:
+        return None
+    return _flip_output(first, graph, values, shapes, producer, readers, outputs, taken, drop) \
+        or _flip_input(first, graph, values, shapes, producer, readers, outputs, taken, drop)
+
+
+def _gemm_side(gemm, values, readers, outputs, drop) -> int | None:
+    """Which operand of a MatMul is its one constant rank-3 core (0 or 1), when its output has one reader."""
+    if gemm is None or gemm.op_type != "MatMul" or id(gemm) in drop or gemm.output[0] in outputs \
+            or len(readers[gemm.output[0]]) != 1:
+        return None
+    constant = [i for i, name in enumerate(gemm.input) if name in values]
+    if len(constant) != 1 or values[gemm.input[constant[0]]].ndim != 3:
+        return None
+    return constant[0]
+
+
+def _past_identity(name, producer, readers, shapes, outputs):
+    """(the value before an identity Reshape that produces ``name``, that Reshape), or (name, None)."""
+    node = producer.get(name)
+    if node is not None and node.op_type == "Reshape" and len(readers[name]) == 1 and name not in outputs \
+            and node.input[0] in shapes and name in shapes and shapes[node.input[0]] == shapes[name]:
+        return node.input[0], node
+    return name, None
+
+
+def _set_perm(node, perm) -> None:
+    del node.attribute[:]
+    node.attribute.append(helper.make_attribute("perm", list(perm)))
+
+
+def _swapped(perm) -> list[int]:
+    """The perm that yields the result of ``perm`` with its last two axes swapped (rank 3)."""
+    return [perm[0], perm[2], perm[1]]
+
+
+def _read_swapped(perm) -> list[int]:
+    """The perm that reads, from a tensor with its last two axes swapped (rank 3), what ``perm`` gave."""
+    return [(0, 2, 1)[a] for a in perm]
+
+
+def _transpose_gemm(gemm, side, activation, graph, values, shapes, taken) -> str:
+    """Make ``gemm`` compute its output with the last two axes swapped from ``activation`` (its activation
+    operand, swapped already); returns the output's new name."""
+    y = gemm.output[0]
+    core = gemm.input[side]
+    core_t = fresh(f"{core}_t", taken)
+    values[core_t] = np.ascontiguousarray(values[core].transpose(0, 2, 1))
+    graph.initializer.append(numpy_helper.from_array(values[core_t], core_t))
+    new_y = fresh(f"{y}_flipped", taken)
+    gemm.input[:] = [activation, core_t] if side == 0 else [core_t, activation]
+    gemm.output[0] = new_y
+    _swap_info(graph, shapes, y, new_y)
+    return new_y
+
+
+def _swap_info(graph, shapes, old: str, new: str) -> None:
+    """Declare ``new`` as ``old`` with its last two axes swapped (rank 3)."""
+    if old in shapes:
+        shapes[new] = tuple(shapes[old][i] for i in (0, 2, 1))
+    for info in [v for v in graph.value_info if v.name == old]:
+        dims = info.type.tensor_type.shape.dim
+        graph.value_info.remove(info)
+        graph.value_info.append(helper.make_tensor_value_info(
+            new, info.type.tensor_type.elem_type, [dims[i].dim_value or dims[i].dim_param or None for i in (0, 2, 1)]))
+
+
+def _flip_output(first, graph, values, shapes, producer, readers, outputs, taken, drop) -> _Merge | None:
+    y, bypass = _past_identity(first.input[0], producer, readers, shapes, outputs)
+    gemm = producer.get(y)
+    side = _gemm_side(gemm, values, readers, outputs, drop)
+    if side is None or y not in shapes:
+        return None
+    z = gemm.input[1 - side]
+    feeder = producer.get(z)
+    if feeder is None or feeder.op_type != "Transpose" or len(readers[z]) != 1 or z in outputs \
+            or len(shapes.get(z, ())) != 3 or feeder.input[0] not in shapes \
+            or not moves_one_axis(_swapped(perm_of(feeder)), list(shapes[feeder.input[0]])):
+        return None
+    p, old_input = perm_of(first), first.input[0]
+    probe = fresh(f"{y}_flipped", taken)
+    shapes[probe] = tuple(shapes[y][i] for i in (0, 2, 1))
+    first.input[0] = probe
+    _set_perm(first, _read_swapped(p))
+    readers[probe] = [first]
+    plan = _plan(first, values, shapes, producer, readers, outputs)
+    if plan is None:
+        first.input[0] = old_input
+        _set_perm(first, p)
+        return None
+    new_z = fresh(f"{z}_flipped", taken)
+    _set_perm(feeder, _swapped(perm_of(feeder)))
+    feeder.output[0] = new_z
+    _swap_info(graph, shapes, z, new_z)
+    new_y = _transpose_gemm(gemm, side, new_z, graph, values, shapes, taken)
+    first.input[0] = new_y
+    shapes[new_y] = shapes[probe]
+    producer[new_y], producer[new_z], readers[new_z], readers[new_y] = gemm, feeder, [gemm], [first]
+    if bypass is not None:
+        drop.add(id(bypass))  # nothing reads it now
+    return plan
+
+
+def _flip_input(first, graph, values, shapes, producer, readers, outputs, taken, drop) -> _Merge | None:
+    way = _way(first, readers, outputs)
+    if way is None or way[1]:  # no elementwise region on this side
+        return None
+    last = way[4]
+    x = last.output[0]
+    gemm = readers[x][0] if len(readers[x]) == 1 and x not in outputs else None
+    side = _gemm_side(gemm, values, readers, outputs, drop)
+    if side is None or gemm.input[1 - side] != x or len(shapes.get(x, ())) != 3:
+        return None
+    y = gemm.output[0]
+    after, bypass = y, None
+    reader = readers[y][0]
+    if reader.op_type == "Reshape" and y in shapes and reader.output[0] in shapes \
+            and shapes[y] == shapes[reader.output[0]] and len(readers[reader.output[0]]) == 1 \
+            and reader.output[0] not in outputs:
+        bypass, reader = reader, readers[reader.output[0]][0]
+    if reader.op_type != "Transpose" or perm_of(reader) is None or y not in shapes \
+            or not moves_one_axis(_read_swapped(perm_of(reader)), [shapes[y][i] for i in (0, 2, 1)]):
+        return None
+    q = perm_of(last)
+    _set_perm(last, _swapped(q))
+    plan = _plan(first, values, shapes, producer, readers, outputs)
+    if plan is None:
+        _set_perm(last, q)
+        return None
+    new_x = fresh(f"{x}_flipped", taken)
+    last.output[0] = new_x
+    _swap_info(graph, shapes, x, new_x)
+    new_y = _transpose_gemm(gemm, side, new_x, graph, values, shapes, taken)
+    reader.input[0] = new_y
+    _set_perm(reader, _read_swapped(perm_of(reader)))
+    producer[new_x], producer[new_y], readers[new_x], readers[new_y] = last, gemm, [gemm], [reader]
+    if bypass is not None:
+        drop.add(id(bypass))
+    return plan
 
 
 def moves_one_axis(perm: list[int], dims: list[Dim]) -> bool:

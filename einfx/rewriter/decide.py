@@ -60,11 +60,12 @@ def _first_pass(cand: Candidate, policy: Policy) -> Decision:
     small = min(cand.d_in, cand.d_out)
     if small < policy.min_features:
         return Decision(cand, False, f"below min_features: min(d_in, d_out) = {small} < {policy.min_features}")
+    structure = sel.structure.grouped(cand.groups)
     try:
-        sizes = sel.structure.resolve(cand.d_in, cand.d_out, layer=cand.name)
+        sizes = structure.resolve(cand.d_in, cand.d_out, layer=cand.name)
     except EinfxError as exc:
-        return Decision(cand, False, f"shape impossible for {sel.structure.name} ({sel.reason}): {exc}")
-    return Decision(cand, True, sel.reason, sel.structure, sizes)
+        return Decision(cand, False, f"shape impossible for {structure.name} ({sel.reason}): {exc}")
+    return Decision(cand, True, sel.reason, structure, sizes)
 
 
 def _options(d: Decision, policy: Policy, weight_of) -> LayerOptions:

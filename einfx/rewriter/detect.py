@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import operator
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from einfx.rewriter.attention import mha_objection
+from einfx.rewriter.heads import feature_groups
 from einfx.rewriter.trace import is_conv1d
 from einfx.layers.linear import EinsumLinear
 
@@ -59,6 +60,8 @@ class Candidate:
         node: the graph node name (``None`` for the fallback).
         objection: why the candidate cannot be rewritten whatever the policy, or ``None``.
         shape: the stored weight shape.
+        groups: (input, output) feature groups seen in the graph (attention heads, `einfx.rewriter.heads`),
+            1 for none.
     """
 
     name: str
@@ -73,6 +76,7 @@ class Candidate:
     node: str | None
     objection: str | None = None
     shape: tuple[int, ...] = ()
+    groups: tuple[int, int] = (1, 1)
 
 
 def _type_names(module: nn.Module | None) -> tuple[str, ...]:
@@ -312,11 +316,14 @@ def detect(gm: fx.GraphModule, original: nn.Module | None = None) -> list[Candid
             if isinstance(module, nn.MultiheadAttention):
                 found.extend(_mha_candidates(ctx, node, module))
             elif isinstance(module, nn.Linear) or is_conv1d(module):
-                found.append(_module_candidate(ctx, node, module))
+                cand = _module_candidate(ctx, node, module)
+                x = node.args[0] if node.args else node.kwargs.get("input")
+                found.append(replace(cand, groups=feature_groups(node, x, cand.d_in, cand.d_out)))
         elif node.op in ("call_function", "call_method"):
             cand = _function_candidate(ctx, node)
             if cand is not None:
-                found.append(cand)
+                x = _linear_args(node)[0]
+                found.append(replace(cand, groups=feature_groups(node, x, cand.d_in, cand.d_out)))
     return found
 
 

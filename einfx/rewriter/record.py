@@ -35,6 +35,7 @@ from torch.utils import _pytree as pytree
 
 from einfx.rewriter.attention import mha_objection
 from einfx.rewriter.detect import Candidate, _layer_name, _type_names
+from einfx.rewriter.heads import HeadWatch
 from einfx.rewriter.trace import is_conv1d
 from einfx.layers.linear import EinsumLinear
 
@@ -78,11 +79,13 @@ class Recording:
         calls: module path -> number of forward calls.
         uses: parameter path -> the calls that read it (metadata reads excluded).
         mha: ``nn.MultiheadAttention`` path -> why its call cannot be decomposed, or ``None``.
+        groups: linear module path -> its (input, output) feature groups (`einfx.rewriter.heads`), where seen.
     """
 
     calls: Mapping[str, int] = field(default_factory=dict)
     uses: Mapping[str, tuple[Use, ...]] = field(default_factory=dict)
     mha: Mapping[str, str | None] = field(default_factory=dict)
+    groups: Mapping[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def _fn_name(func) -> str:
@@ -96,10 +99,11 @@ def _fn_name(func) -> str:
 class _Watcher(TorchFunctionMode):
     """Records each call whose arguments hold a parameter (or a view of one we saw made)."""
 
-    def __init__(self, params: Mapping[int, str], stack: list[str]):
+    def __init__(self, params: Mapping[int, str], stack: list[str], heads: HeadWatch):
         super().__init__()
         self.params = params
         self.stack = stack
+        self.heads = heads
         # views of parameters made during the call: id -> (path, flipped, the view kept alive)
         self.views: dict[int, tuple[str, bool | None, torch.Tensor]] = {}
         self.uses: dict[str, list[Use]] = defaultdict(list)
@@ -116,6 +120,7 @@ class _Watcher(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        self.heads.observe(func, args, out)
         leaves = pytree.tree_leaves((args, kwargs))
         sources = [(i, s) for i, s in enumerate(map(self._source, leaves)) if s is not None]
         if not sources:
@@ -194,6 +199,8 @@ def record(model: nn.Module, args: tuple = (), kwargs: Mapping | None = None) ->
         path = names.get(id(module), "?")
         calls[path] += 1
         stack.append(path)
+        if a and (isinstance(module, nn.Linear) or is_conv1d(module)):
+            heads.input(path, a[0])
         if isinstance(module, nn.MultiheadAttention):
             why = _mha_check(module, a, kw)
             mha[path] = mha.get(path) or why
@@ -203,13 +210,16 @@ def record(model: nn.Module, args: tuple = (), kwargs: Mapping | None = None) ->
     def post(module, a, kw, out):
         if stack:
             stack.pop()
+        if isinstance(module, nn.Linear) or is_conv1d(module):
+            heads.output(names.get(id(module), "?"), out)
 
     for module in {id(m): m for m in model.modules()}.values():
         handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(module.register_forward_hook(post, with_kwargs=True, always_call=True))
     saved = {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()
              if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter)} if model.training else {}
-    watcher = _Watcher(params, stack)
+    heads = HeadWatch()
+    watcher = _Watcher(params, stack, heads)
     try:
         with watcher:
             model(*args, **dict(kwargs or {}))
@@ -220,7 +230,7 @@ def record(model: nn.Module, args: tuple = (), kwargs: Mapping | None = None) ->
             state = model.state_dict(keep_vars=True)
             for k, v in saved.items():
                 state[k].copy_(v)
-    return Recording(dict(calls), {k: tuple(v) for k, v in watcher.uses.items()}, mha)
+    return Recording(dict(calls), {k: tuple(v) for k, v in watcher.uses.items()}, mha, heads.groups())
 
 
 def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -302,7 +312,7 @@ def record_candidates(model: nn.Module, rec: Recording) -> list[Candidate]:
                 objection = (f"weight used elsewhere: {weight!r} is read by {_describe_uses(model, foreign)}"
                              + (" besides the module's own call" if calls else " (the module itself is never called)"))
         found.append(Candidate(path, kind, int(d_in), int(d_out), types, weight, conv, bias, site, None,
-                               objection, shape))
+                               objection, shape, rec.groups.get(path, (1, 1))))
     owned_ids = {id(p) for path, p in model.named_parameters(remove_duplicate=False) if path in owned}
     for path, uses in rec.uses.items():
         if path in owned or id(model.get_parameter(path)) in owned_ids:

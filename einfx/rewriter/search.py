@@ -98,7 +98,7 @@ def candidate_structures(specs: Sequence[Any] | None) -> tuple[_Family, ...]:
 
 
 def _structures(families: Sequence[_Family], start: Structure | None, d_in: int, d_out: int, layer: str,
-                metric: str) -> list[tuple[Structure, Sizes]]:
+                metric: str, groups: tuple[int, int] = (1, 1)) -> list[tuple[Structure, Sizes]]:
     """Every distinct (structure, sizes) cheaper than dense at this layer in the budget's metric and no more
     expensive in FLOPs."""
     dense = option_cost(Sizes.for_dense(d_in, d_out), metric)
@@ -113,7 +113,7 @@ def _structures(families: Sequence[_Family], start: Structure | None, d_in: int,
             wanted += [replace(fam.structure, rank=r) for r in BLOCK_RANKS]
     seen: set = set()
     out = []
-    for s in wanted:
+    for s in (w.grouped(groups) for w in wanted):
         try:
             z = s.resolve(d_in, d_out, layer=layer)
         except EinfxError:
@@ -335,7 +335,7 @@ def _weigh(model, d: Decision, cov: torch.Tensor, families, metric: str, fractio
     w = weight_of(model, cand).detach().double()
     dense_sizes = Sizes.for_dense(cand.d_in, cand.d_out)
     dense_cost = option_cost(dense_sizes, metric)
-    choices = _structures(families, d.structure, cand.d_in, cand.d_out, cand.name, metric)
+    choices = _structures(families, d.structure, cand.d_in, cand.d_out, cand.name, metric, cand.groups)
     costs = [option_cost(z, metric) for _, z in choices]
     errors = _option_errors(w, cov, choices, costs, fraction * dense_cost, cand.name, out_metric)
     sensitivity = 0.0

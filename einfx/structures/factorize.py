@@ -7,6 +7,11 @@ space, relative to log n) is at most ``EXACT_DISTANCE``. Otherwise every candida
 by that distance plus a penalty proportional to the padding. Candidates whose relative padding exceeds the
 tolerance, or whose distance exceeds ``MAX_DISTANCE`` (a different structure in disguise, e.g. a prime n
 "factored" as n x 1), are refused; when none is left the caller raises a clear error.
+
+A side whose features the model reads in groups (attention's heads: 384 = 12 heads x 32) may ask for its
+outermost size to be the group count (``outer``): the factorization 12 x 32 instead of 16 x 24 keeps each head's
+features in one block of the layer's layout, so the exported relayout and the head split become one Transpose
+(`einfx.export.relayouts`). The request is honoured when it divides n exactly within ``MAX_DISTANCE``.
 """
 
 from __future__ import annotations
@@ -53,13 +58,17 @@ def _distance(sizes: tuple[int, ...], targets: tuple[float, ...], log_n: float) 
 
 
 @lru_cache(maxsize=4096)
-def factor_side(n: int, thetas: tuple[float, ...], tolerance: float) -> tuple[tuple[int, ...], int, float] | None:
+def factor_side(n: int, thetas: tuple[float, ...], tolerance: float, outer: int = 1
+                ) -> tuple[tuple[int, ...], int, float] | None:
     """Factor dimension ``n`` into ``len(thetas)`` integer sizes close to ``n ** theta``.
 
     Args:
         n: the dimension (≥ 1).
         thetas: the exponents, one per slot, summing to 1. A zero exponent always gets size 1.
         tolerance: the largest relative padding (m - n) / n allowed.
+        outer: the size wanted for the outermost active slot (the last one: the slowest-varying feature
+            index), 1 for none; ignored unless exactly two slots are active, ``outer`` divides n and the
+            exact split is within ``MAX_DISTANCE``.
         A side with a single active slot always factors exactly (the slot takes n).
 
     Returns:
@@ -71,6 +80,11 @@ def factor_side(n: int, thetas: tuple[float, ...], tolerance: float) -> tuple[tu
         return (tuple(1 for _ in thetas), 1, 0.0) if n == 1 else None
     log_n = math.log(n)
     targets = tuple(thetas[i] * log_n for i in active)
+    if outer > 1 and len(active) == 2 and n % outer == 0 and n // outer > 1:
+        split = (n // outer, outer)
+        dist = _distance(split, targets, log_n)
+        if dist <= MAX_DISTANCE:
+            return _place(thetas, active, split), n, dist
     best: tuple[float, tuple[int, ...], int, float] | None = None
     m_max = math.floor(n * (1.0 + tolerance) + 1e-9)
     exact = min(((_distance(sp, targets, log_n), sp) for sp in _splits(n, len(active))),

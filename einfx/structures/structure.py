@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from einfx.errors import ShapeError, StructureError
 from einfx.structures.factorize import factor_side
@@ -79,6 +79,9 @@ class Structure:
         experts: number of experts E, for ``"btt_moe"`` (the BTT rank index ρ is the expert index).
         k: experts active per token, for ``"btt_moe"``.
         tolerance: the largest relative padding of either side before a size is refused.
+        groups: (input, output) feature groups that the factorization keeps whole when it can (attention
+            heads; `einfx.structures.factorize.factor_side`'s ``outer``), 1 for none. The rewriter sets it
+            from the graph; it changes the sizes, never the family or the rank.
     """
 
     kind: str
@@ -88,6 +91,7 @@ class Structure:
     experts: int | None = None
     k: int | None = None
     tolerance: float = DEFAULT_TOLERANCE
+    groups: tuple[int, int] = (1, 1)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -96,6 +100,10 @@ class Structure:
             raise StructureError(f"{self.kind}: rank must be a positive integer, got {self.rank!r}")
         if self.rank_frac is not None and not (0.0 < float(self.rank_frac) <= 1.0):
             raise StructureError(f"{self.kind}: rank_frac must be in (0, 1], got {self.rank_frac!r}")
+        groups = tuple(self.groups) if isinstance(self.groups, (tuple, list)) else ()
+        if len(groups) != 2 or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in groups):
+            raise StructureError(f"groups must be two positive integers (input, output), got {self.groups!r}")
+        object.__setattr__(self, "groups", groups)
         if not (0.0 <= float(self.tolerance) < 10.0):
             raise StructureError(f"tolerance must be in [0, 10), got {self.tolerance!r}")
         if self.kind == "theta":
@@ -169,6 +177,13 @@ class Structure:
     def __str__(self) -> str:
         return self.name
 
+    def grouped(self, groups: tuple[int, int]) -> "Structure":
+        """This structure with feature ``groups`` (see the class), unless it already names its own or has no
+        factored side to align (dense, low-rank, BTT-MoE)."""
+        if self.groups != (1, 1) or tuple(groups) == (1, 1) or self.kind in ("dense", "low_rank", "btt_moe"):
+            return self
+        return replace(self, groups=tuple(groups))
+
     def theta_for(self, d_in: int, d_out: int) -> tuple[float, ...]:
         """θ of this structure at a layer size (the rank turned into θρ = log r / log min(d_in, d_out))."""
         if self.kind == "theta":
@@ -204,8 +219,8 @@ class Structure:
                 )
             return Sizes(d_in, d_out, alpha=d_in, epsilon=d_out, rho=r)
         theta = self.theta_for(d_in, d_out)
-        ins = factor_side(d_in, theta[0:3], float(self.tolerance))
-        outs = factor_side(d_out, theta[3:6], float(self.tolerance))
+        ins = factor_side(d_in, theta[0:3], float(self.tolerance), self.groups[0])
+        outs = factor_side(d_out, theta[3:6], float(self.tolerance), self.groups[1])
         for side, n, got, ths in (("input", d_in, ins, theta[0:3]), ("output", d_out, outs, theta[3:6])):
             if got is None:
                 raise ShapeError(
@@ -245,6 +260,8 @@ class Structure:
                 out[key] = list(value) if key == "theta" else value
         if self.tolerance != DEFAULT_TOLERANCE:
             out["tolerance"] = self.tolerance
+        if self.groups != (1, 1):
+            out["groups"] = list(self.groups)
         return out
 
     @classmethod

@@ -123,3 +123,80 @@ def test_a_value_read_twice_on_the_way_is_left_alone():
     assert merge_relayouts(model)[1] == 0
     ops = collections.Counter(n.op_type for n in merge_relayouts(model)[0].graph.node)
     assert ops["Transpose"] == 2
+
+
+class _AlignedQuery(nn.Module):
+    """A layer whose output factorization matches the heads, (12, 32) = (heads, head dim), lowered as einfx does
+    it, w · Transpose(x) -> (12, 32, n), relaid to (n, 384) and split into the query's (b, 12, t, 32)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w = nn.Parameter(torch.randn(12, 32, 32, generator=g))
+        self.b = nn.Parameter(torch.randn(384, generator=g))
+
+    def forward(self, h):
+        b, t, _ = h.shape
+        x = h.reshape(-1, 12, 32).permute(1, 2, 0)
+        y = torch.matmul(self.w, x).permute(2, 0, 1).reshape(-1, 384).reshape(b, t, 384) + self.b
+        return y.view(b, t, 12, 32).permute(0, 2, 1, 3)
+
+
+def test_a_head_aligned_layer_computes_its_last_gemm_transposed_to_merge_with_the_head_split(tmp_path):
+    """(12, 32, n) -> (b, 12, t, 32) needs a strided 4-D Transpose; written as (xᵀ wᵀ), the GEMM yields
+    (12, n, 32) for the same work, and the relayout and the head split become one Transpose that moves the
+    batch axis alone. The Transpose feeding the GEMM changes its perm but stays one."""
+    module = _AlignedQuery().eval()
+    einfx.export.to_onnx(module, (torch.randn(2, 5, 384),), tmp_path / "q.onnx", graph_passes=False,
+                         latency_repeats=0, dynamic_axes={0: {1: "sequence"}})
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    out, count = merge_relayouts(model)
+    onnx.checker.check_model(out, full_check=True)
+    assert count == 1 and len(_transposes(out)) == len(_transposes(model)) - 1
+    matmul = next(n for n in out.graph.node if n.op_type == "MatMul")
+    weights = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    assert matmul.input[1] in weights and weights[matmul.input[1]].shape == (12, 32, 32)  # x first, then wᵀ
+    h2 = np.random.default_rng(1).standard_normal((3, 7, 384)).astype(np.float32)
+    with torch.no_grad():
+        want = module(torch.from_numpy(h2)).numpy()
+    for runtime in INSTALLED:
+        run = load(runtime, out)
+        got = run({run.input_names[0]: h2})[0]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max(), err_msg=runtime)
+
+
+class _AlignedOutputProjection(nn.Module):
+    """Attention's head merge (b, 12, t, 32) -> (n, 384) read by a layer whose input factorization matches the
+    heads: Transpose to (12, 32, n), the first core (12, 16, 32), the Transpose between the cores, the second."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.a = nn.Parameter(torch.randn(12, 16, 32, generator=g))
+        self.b = nn.Parameter(torch.randn(16, 24, 12, generator=g))
+
+    def forward(self, heads):
+        b, _, t, _ = heads.shape
+        x = heads.transpose(1, 2).reshape(-1, 12, 32).permute(1, 2, 0)
+        z = torch.matmul(self.b, torch.matmul(self.a, x).permute(1, 0, 2))
+        return z.permute(2, 0, 1).reshape(b, t, 384)
+
+
+def test_a_head_merge_into_an_aligned_layer_computes_its_first_gemm_transposed(tmp_path):
+    """The head merge and the layer's input relayout, (b, 12, t, 32) -> (12, 32, n), would be a general 4-D
+    perm; the first GEMM computed as xᵀ aᵀ reads (12, n, 32), one Transpose moving the heads' axis, and the
+    Transpose between the cores changes its perm instead."""
+    module = _AlignedOutputProjection().eval()
+    einfx.export.to_onnx(module, (torch.randn(2, 12, 5, 32),), tmp_path / "o.onnx", graph_passes=False,
+                         latency_repeats=0, dynamic_axes={0: {2: "sequence"}})
+    model = onnx.load(str(tmp_path / "o.onnx"))
+    out, count = merge_relayouts(model)
+    onnx.checker.check_model(out, full_check=True)
+    assert count == 1 and len(_transposes(out)) == len(_transposes(model)) - 1
+    h = np.random.default_rng(1).standard_normal((3, 12, 7, 32)).astype(np.float32)
+    with torch.no_grad():
+        want = module(torch.from_numpy(h)).numpy()
+    for runtime in INSTALLED:
+        run = load(runtime, out)
+        got = run({run.input_names[0]: h})[0]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max(), err_msg=runtime)

@@ -117,3 +117,27 @@ def test_string_spec():
     assert Structure.from_dict("low_rank:rank_frac=0.5") == Structure.low_rank(rank_frac=0.5)
     with pytest.raises(StructureError, match="expected key=value"):
         Structure.from_dict("btt:2")
+
+
+def test_an_outer_group_count_sets_the_outermost_size_when_it_divides_within_reach():
+    from einfx.structures.factorize import factor_side
+
+    btt_out = (0.0, 0.5, 0.5)  # θ (δ, ε, φ) of BTT's output side; φ is the outermost index
+    assert factor_side(384, btt_out, 0.15)[:2] == ((1, 24, 16), 384)
+    assert factor_side(384, btt_out, 0.15, 12)[0] == (1, 32, 12)  # 12 heads of 32
+    assert factor_side(768, btt_out, 0.15, 12)[0] == (1, 64, 12)
+    assert factor_side(384, btt_out, 0.15, 5)[0] == (1, 24, 16)     # does not divide: ignored
+    assert factor_side(384, btt_out, 0.15, 192)[0] == (1, 24, 16)   # 192 x 2 is another structure: ignored
+    assert factor_side(384, (1.0, 0.0, 0.0), 0.15, 12)[0] == (384, 1, 1)  # one active slot: nothing to align
+
+
+def test_groups_change_the_sizes_only_and_survive_a_round_trip():
+    plain, grouped = Structure.btt(rank=2), Structure.btt(rank=2).grouped((12, 12))
+    assert grouped.groups == (12, 12) and grouped.name == plain.name
+    assert plain.resolve(384, 384).describe() == "α24 γ16 | ε24 φ16 | ρ2"
+    assert grouped.resolve(384, 384).describe() == "α32 γ12 | ε32 φ12 | ρ2"
+    assert Structure.from_dict(grouped.to_dict()) == grouped and "groups" not in plain.to_dict()
+    assert Structure.low_rank().grouped((12, 12)) == Structure.low_rank()  # no factored side
+    assert grouped.grouped((4, 4)) is grouped  # groups already named are kept
+    with pytest.raises(StructureError, match=r"groups must be two positive integers \(input, output\), got \(0, 12\)"):
+        Structure.btt(groups=(0, 12))
