@@ -194,11 +194,17 @@ def _gemm_side(gemm, values, readers, outputs, drop) -> int | None:
     return constant[0]
 
 
+def _identity_reshape(node, readers, shapes, outputs) -> bool:
+    """Whether ``node`` is a Reshape that keeps its input's shape, its output read once and not a graph output."""
+    return node is not None and node.op_type == "Reshape" and node.output[0] not in outputs \
+        and len(readers[node.output[0]]) == 1 and node.input[0] in shapes \
+        and shapes.get(node.output[0]) == shapes[node.input[0]]
+
+
 def _past_identity(name, producer, readers, shapes, outputs):
     """(the value before an identity Reshape that produces ``name``, that Reshape), or (name, None)."""
     node = producer.get(name)
-    if node is not None and node.op_type == "Reshape" and len(readers[name]) == 1 and name not in outputs \
-            and node.input[0] in shapes and name in shapes and shapes[node.input[0]] == shapes[name]:
+    if _identity_reshape(node, readers, shapes, outputs):
         return node.input[0], node
     return name, None
 
@@ -291,11 +297,8 @@ def _flip_input(first, graph, values, shapes, producer, readers, outputs, taken,
     if side is None or gemm.input[1 - side] != x or len(shapes.get(x, ())) != 3:
         return None
     y = gemm.output[0]
-    after, bypass = y, None
-    reader = readers[y][0]
-    if reader.op_type == "Reshape" and y in shapes and reader.output[0] in shapes \
-            and shapes[y] == shapes[reader.output[0]] and len(readers[reader.output[0]]) == 1 \
-            and reader.output[0] not in outputs:
+    reader, bypass = readers[y][0], None
+    if _identity_reshape(reader, readers, shapes, outputs):
         bypass, reader = reader, readers[reader.output[0]][0]
     if reader.op_type != "Transpose" or perm_of(reader) is None or y not in shapes \
             or not moves_one_axis(_read_swapped(perm_of(reader)), [shapes[y][i] for i in (0, 2, 1)]):

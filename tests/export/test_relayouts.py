@@ -35,6 +35,22 @@ def _static(x_shape, first, target, last) -> onnx.ModelProto:
     return onnx.shape_inference.infer_shapes(model, strict_mode=True)
 
 
+def _exported(module, example, dynamic_axes, path) -> onnx.ModelProto:
+    """``module`` as einfx exports it, before any whole-graph pass."""
+    einfx.export.to_onnx(module, (example,), path, graph_passes=False, latency_repeats=0, dynamic_axes=dynamic_axes)
+    return onnx.load(str(path))
+
+
+def _assert_runs_like(module, model, x: np.ndarray) -> None:
+    """``model`` gives ``module``'s output on ``x`` in every installed runtime."""
+    with torch.no_grad():
+        want = module(torch.from_numpy(x)).numpy()
+    for runtime in INSTALLED:
+        run = load(runtime, model)
+        got = run({run.input_names[0]: x})[0]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max(), err_msg=runtime)
+
+
 @pytest.mark.parametrize("runtime", INSTALLED)
 @pytest.mark.parametrize("case,expected", [
     # runs (2)(4,5)(3): x's axes (2, 3) stay together, and the second Transpose undoes the first: a Reshape
@@ -98,20 +114,12 @@ def test_an_exported_layer_output_and_head_split_merge_exactly(heads, merged, ac
     head split (b, 12, 32, t) merges into one Transpose moving the features past the tokens; the query's
     (b, 12, t, 32) would need a strided 4-D one and stays two Transposes."""
     module = _KeyProjection(heads, act).eval()
-    h = torch.randn(2, 5, 384)
-    einfx.export.to_onnx(module, (h,), tmp_path / "k.onnx", graph_passes=False, latency_repeats=0,
-                         dynamic_axes={0: {1: "sequence"}})
-    model = onnx.load(str(tmp_path / "k.onnx"))
+    model = _exported(module, torch.randn(2, 5, 384), {0: {1: "sequence"}}, tmp_path / "k.onnx")
     out, count = merge_relayouts(model)
     before, after = len(_transposes(model)), len(_transposes(out))
     assert count == int(merged) and after == before - int(merged)
     h2 = np.random.default_rng(1).standard_normal((3, 7, 384)).astype(np.float32)  # another batch and length
-    with torch.no_grad():
-        want = module(torch.from_numpy(h2)).numpy()
-    for runtime in INSTALLED:
-        run = load(runtime, out)
-        got = run({run.input_names[0]: h2})[0]
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max(), err_msg=runtime)
+    _assert_runs_like(module, out, h2)
     full, counts = optimize_graph(model)
     assert counts["relayouts merged"] == int(merged)
 
@@ -147,22 +155,14 @@ def test_a_head_aligned_layer_computes_its_last_gemm_transposed_to_merge_with_th
     (12, n, 32) for the same work, and the relayout and the head split become one Transpose that moves the
     batch axis alone. The Transpose feeding the GEMM changes its perm but stays one."""
     module = _AlignedQuery().eval()
-    einfx.export.to_onnx(module, (torch.randn(2, 5, 384),), tmp_path / "q.onnx", graph_passes=False,
-                         latency_repeats=0, dynamic_axes={0: {1: "sequence"}})
-    model = onnx.load(str(tmp_path / "q.onnx"))
+    model = _exported(module, torch.randn(2, 5, 384), {0: {1: "sequence"}}, tmp_path / "q.onnx")
     out, count = merge_relayouts(model)
     onnx.checker.check_model(out, full_check=True)
     assert count == 1 and len(_transposes(out)) == len(_transposes(model)) - 1
     matmul = next(n for n in out.graph.node if n.op_type == "MatMul")
     weights = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
     assert matmul.input[1] in weights and weights[matmul.input[1]].shape == (12, 32, 32)  # x first, then wᵀ
-    h2 = np.random.default_rng(1).standard_normal((3, 7, 384)).astype(np.float32)
-    with torch.no_grad():
-        want = module(torch.from_numpy(h2)).numpy()
-    for runtime in INSTALLED:
-        run = load(runtime, out)
-        got = run({run.input_names[0]: h2})[0]
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max(), err_msg=runtime)
+    _assert_runs_like(module, out, np.random.default_rng(1).standard_normal((3, 7, 384)).astype(np.float32))
 
 
 class _AlignedOutputProjection(nn.Module):
@@ -187,16 +187,8 @@ def test_a_head_merge_into_an_aligned_layer_computes_its_first_gemm_transposed(t
     perm; the first GEMM computed as xᵀ aᵀ reads (12, n, 32), one Transpose moving the heads' axis, and the
     Transpose between the cores changes its perm instead."""
     module = _AlignedOutputProjection().eval()
-    einfx.export.to_onnx(module, (torch.randn(2, 12, 5, 32),), tmp_path / "o.onnx", graph_passes=False,
-                         latency_repeats=0, dynamic_axes={0: {2: "sequence"}})
-    model = onnx.load(str(tmp_path / "o.onnx"))
+    model = _exported(module, torch.randn(2, 12, 5, 32), {0: {2: "sequence"}}, tmp_path / "o.onnx")
     out, count = merge_relayouts(model)
     onnx.checker.check_model(out, full_check=True)
     assert count == 1 and len(_transposes(out)) == len(_transposes(model)) - 1
-    h = np.random.default_rng(1).standard_normal((3, 12, 7, 32)).astype(np.float32)
-    with torch.no_grad():
-        want = module(torch.from_numpy(h)).numpy()
-    for runtime in INSTALLED:
-        run = load(runtime, out)
-        got = run({run.input_names[0]: h})[0]
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max(), err_msg=runtime)
+    _assert_runs_like(module, out, np.random.default_rng(1).standard_normal((3, 12, 7, 32)).astype(np.float32))
