@@ -11,7 +11,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 __all__ = ["perm_of", "constant_values", "rename", "reshape_target", "last_dim", "prune", "fresh", "copy_model",
-           "ELEMENTWISE", "Dim", "value_shapes", "dim_product", "divides", "graph_index", "relay_region", "runs"]
+           "ELEMENTWISE", "Dim", "value_shapes", "dim_product", "divides", "graph_index", "relay_region", "runs",
+           "elementwise_region", "transpose_input_shape"]
 
 # A dimension as a monomial: an integer factor times named symbols (the exporter's dim_params, such as
 # "sequence*batch"), symbols sorted. Two dims are known equal when their monomials are; a dim_param that is
@@ -235,3 +236,44 @@ def runs(a: list[Dim], b: list[Dim]):
     (i0, _), (j0, _) = runs[-1]
     runs[-1] = ((i0, len(a)), (j0, len(b)))
     return runs
+
+
+def elementwise_region(entry, readers, outputs):
+    """The elementwise nodes reachable from ``entry`` until one value leaves them for a non-elementwise reader;
+    (nodes, that value) or None when the region has other exits."""
+    nodes, seen, frontier, exits = [], set(), [entry], set()
+    while frontier:
+        name = frontier.pop()
+        for node in readers[name]:
+            if id(node) in seen:
+                continue
+            if node.op_type in ELEMENTWISE and node.domain in ("", "ai.onnx") \
+                    and not any(o in outputs for o in node.output):
+                seen.add(id(node))
+                nodes.append(node)
+                frontier.extend(node.output)
+            else:
+                exits.add(name)
+    if not nodes or len(exits) != 1:
+        return None
+    exit_ = exits.pop()
+    if exit_ == entry or len(readers[exit_]) != 1 or exit_ in outputs:
+        return None
+    for node in nodes:  # a region value is read in the region, or it is the exit
+        for o in node.output:
+            if o != exit_ and any(id(r) not in seen for r in readers[o]):
+                return None
+    return nodes, exit_
+
+
+def transpose_input_shape(t: onnx.NodeProto, shapes) -> list[Dim] | None:
+    """A Transpose's input shape: declared, or read back from its declared output; None when neither is."""
+    if t.input[0] in shapes:
+        return list(shapes[t.input[0]])
+    perm = perm_of(t)
+    if t.output[0] not in shapes or perm is None or len(perm) != len(shapes[t.output[0]]):
+        return None
+    dims = [None] * len(perm)
+    for i, a in enumerate(perm):
+        dims[a] = shapes[t.output[0]][i]
+    return dims

@@ -23,7 +23,7 @@ from typing import Mapping
 import numpy as np
 import onnx
 
-from einfx.export.graph_passes import _PASSES, optimize_graph
+from einfx.export.graph_passes import LABELS, optimize_graph
 from einfx.export.runtimes import load
 from einfx.export.tune import median_times
 
@@ -73,7 +73,7 @@ def choose_passes(model: onnx.ModelProto, runtime: str, feeds: Mapping[str, np.n
         margin: how much faster a graph with passes left out must be to be kept.
     """
     full, counts = optimize_graph(model)
-    active = [name for name in OPTIONAL if counts[_PASSES[name][1]]]
+    active = [name for name in OPTIONAL if counts[LABELS[name]]]
     graphs = {(): (full, counts)}
     for k in range(1, len(active) + 1):
         for skipped in itertools.combinations(active, k):

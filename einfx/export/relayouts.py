@@ -34,8 +34,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from einfx.export.onnx_graph import (ELEMENTWISE, Dim, constant_values, copy_model, fresh,
-                                     graph_index, perm_of, prune, relay_region, runs, value_shapes)
+from einfx.export.gemm_flip import read_swapped, set_perm, swap_info, swapped, transpose_gemm
+from einfx.export.onnx_graph import (Dim, constant_values, copy_model, elementwise_region, fresh, graph_index,
+                                     perm_of, prune, relay_region, runs, value_shapes)
 
 __all__ = ["merge_relayouts", "moves_one_axis"]
 
@@ -209,45 +210,14 @@ def _past_identity(name, producer, readers, shapes, outputs):
     return name, None
 
 
-def _set_perm(node, perm) -> None:
-    del node.attribute[:]
-    node.attribute.append(helper.make_attribute("perm", list(perm)))
 
 
-def _swapped(perm) -> list[int]:
-    """The perm that yields the result of ``perm`` with its last two axes swapped (rank 3)."""
-    return [perm[0], perm[2], perm[1]]
 
 
-def _read_swapped(perm) -> list[int]:
-    """The perm that reads, from a tensor with its last two axes swapped (rank 3), what ``perm`` gave."""
-    return [(0, 2, 1)[a] for a in perm]
 
 
-def _transpose_gemm(gemm, side, activation, graph, values, shapes, taken) -> str:
-    """Make ``gemm`` compute its output with the last two axes swapped from ``activation`` (its activation
-    operand, swapped already); returns the output's new name."""
-    y = gemm.output[0]
-    core = gemm.input[side]
-    core_t = fresh(f"{core}_t", taken)
-    values[core_t] = np.ascontiguousarray(values[core].transpose(0, 2, 1))
-    graph.initializer.append(numpy_helper.from_array(values[core_t], core_t))
-    new_y = fresh(f"{y}_flipped", taken)
-    gemm.input[:] = [activation, core_t] if side == 0 else [core_t, activation]
-    gemm.output[0] = new_y
-    _swap_info(graph, shapes, y, new_y)
-    return new_y
 
 
-def _swap_info(graph, shapes, old: str, new: str) -> None:
-    """Declare ``new`` as ``old`` with its last two axes swapped (rank 3)."""
-    if old in shapes:
-        shapes[new] = tuple(shapes[old][i] for i in (0, 2, 1))
-    for info in [v for v in graph.value_info if v.name == old]:
-        dims = info.type.tensor_type.shape.dim
-        graph.value_info.remove(info)
-        graph.value_info.append(helper.make_tensor_value_info(
-            new, info.type.tensor_type.elem_type, [dims[i].dim_value or dims[i].dim_param or None for i in (0, 2, 1)]))
 
 
 def _flip_output(first, graph, values, shapes, producer, readers, outputs, taken, drop) -> _Merge | None:
@@ -260,24 +230,24 @@ def _flip_output(first, graph, values, shapes, producer, readers, outputs, taken
     feeder = producer.get(z)
     if feeder is None or feeder.op_type != "Transpose" or len(readers[z]) != 1 or z in outputs \
             or len(shapes.get(z, ())) != 3 or feeder.input[0] not in shapes \
-            or not moves_one_axis(_swapped(perm_of(feeder)), list(shapes[feeder.input[0]])):
+            or not moves_one_axis(swapped(perm_of(feeder)), list(shapes[feeder.input[0]])):
         return None
     p, old_input = perm_of(first), first.input[0]
     probe = fresh(f"{y}_flipped", taken)
     shapes[probe] = tuple(shapes[y][i] for i in (0, 2, 1))
     first.input[0] = probe
-    _set_perm(first, _read_swapped(p))
+    set_perm(first, read_swapped(p))
     readers[probe] = [first]
     plan = _plan(first, values, shapes, producer, readers, outputs)
     if plan is None:
         first.input[0] = old_input
-        _set_perm(first, p)
+        set_perm(first, p)
         return None
     new_z = fresh(f"{z}_flipped", taken)
-    _set_perm(feeder, _swapped(perm_of(feeder)))
+    set_perm(feeder, swapped(perm_of(feeder)))
     feeder.output[0] = new_z
-    _swap_info(graph, shapes, z, new_z)
-    new_y = _transpose_gemm(gemm, side, new_z, graph, values, shapes, taken)
+    swap_info(graph, shapes, z, new_z)
+    new_y = transpose_gemm(gemm, side, new_z, graph, values, shapes, taken)
     first.input[0] = new_y
     shapes[new_y] = shapes[probe]
     producer[new_y], producer[new_z], readers[new_z], readers[new_y] = gemm, feeder, [gemm], [first]
@@ -301,20 +271,20 @@ def _flip_input(first, graph, values, shapes, producer, readers, outputs, taken,
     if _identity_reshape(reader, readers, shapes, outputs):
         bypass, reader = reader, readers[reader.output[0]][0]
     if reader.op_type != "Transpose" or perm_of(reader) is None or y not in shapes \
-            or not moves_one_axis(_read_swapped(perm_of(reader)), [shapes[y][i] for i in (0, 2, 1)]):
+            or not moves_one_axis(read_swapped(perm_of(reader)), [shapes[y][i] for i in (0, 2, 1)]):
         return None
     q = perm_of(last)
-    _set_perm(last, _swapped(q))
+    set_perm(last, swapped(q))
     plan = _plan(first, values, shapes, producer, readers, outputs)
     if plan is None:
-        _set_perm(last, q)
+        set_perm(last, q)
         return None
     new_x = fresh(f"{x}_flipped", taken)
     last.output[0] = new_x
-    _swap_info(graph, shapes, x, new_x)
-    new_y = _transpose_gemm(gemm, side, new_x, graph, values, shapes, taken)
+    swap_info(graph, shapes, x, new_x)
+    new_y = transpose_gemm(gemm, side, new_x, graph, values, shapes, taken)
     reader.input[0] = new_y
-    _set_perm(reader, _read_swapped(perm_of(reader)))
+    set_perm(reader, read_swapped(perm_of(reader)))
     producer[new_x], producer[new_y], readers[new_x], readers[new_y] = last, gemm, [gemm], [reader]
     if bypass is not None:
         drop.add(id(bypass))
@@ -354,39 +324,13 @@ def _way(first, readers, outputs):
             continue
         if region:
             return None  # one elementwise region on the way at most
-        found = _region(name, readers, outputs)
+        found = elementwise_region(name, readers, outputs)
         if found is None:
             return None
         region, exit_ = found
         entry, name = name, exit_
 
 
-def _region(entry, readers, outputs):
-    """The elementwise nodes reachable from ``entry`` until one value leaves them for a non-elementwise reader;
-    (nodes, that value) or None when the region has other exits."""
-    nodes, seen, frontier, exits = [], set(), [entry], set()
-    while frontier:
-        name = frontier.pop()
-        for node in readers[name]:
-            if id(node) in seen:
-                continue
-            if node.op_type in ELEMENTWISE and node.domain in ("", "ai.onnx") \
-                    and not any(o in outputs for o in node.output):
-                seen.add(id(node))
-                nodes.append(node)
-                frontier.extend(node.output)
-            else:
-                exits.add(name)
-    if not nodes or len(exits) != 1:
-        return None
-    exit_ = exits.pop()
-    if exit_ == entry or len(readers[exit_]) != 1 or exit_ in outputs:
-        return None
-    for node in nodes:  # a region value is read in the region, or it is the exit
-        for o in node.output:
-            if o != exit_ and any(id(r) not in seen for r in readers[o]):
-                return None
-    return nodes, exit_
 
 
 def _bias_axis(region, entry, t_shape, values, shapes) -> int | None:

@@ -39,9 +39,9 @@ def test_the_exported_graph_shows_the_same_groups():
 
 @pytest.mark.parametrize("runtime", [None, "onnxruntime"])
 def test_head_aligned_layers_export_with_merged_relayouts_exactly(runtime, tmp_path):
-    """q and v write (heads, tokens, head dim) and split their heads with one Transpose, k writes (heads, head
-    dim, tokens) for its (b, h, d, t) split; outputs match torch within the export's tolerance, also with the
-    plans measured in onnxruntime."""
+    """q and v write (heads, tokens, head dim) and split their heads with one Transpose (a Reshape once
+    attention runs heads first), k writes (heads, head dim, tokens) for its (b, h, d, t) split; outputs match
+    torch within the export's tolerance, also with the plans measured in onnxruntime."""
     model = einfx.optimize(BERT.build(), Policy(default=Structure.btt(rank=1), fold_to_dense=False),
                            example_kwargs=BERT.inputs())
     tuning = TuningCache(runtime, 1, path=tmp_path / "tuning.json") if runtime else None
@@ -50,3 +50,5 @@ def test_head_aligned_layers_export_with_merged_relayouts_exactly(runtime, tmp_p
     assert r.verified, [str(c) for c in r.checks]
     if runtime is None:  # tuned plans are timing winners (a layer may fold to dense), so only the planned count
         assert r.rewrites["relayouts merged"] >= 3 * 2  # q, k, v of both layers
+        # with the heads first, q's and v's splits become Reshapes (both layers)
+        assert r.rewrites["attention transposes removed by heads first"] >= 2 * 2
