@@ -138,7 +138,8 @@ def _grow(seed, values, shapes, producer, readers, outputs) -> _Region | None:
             for reader in readers[name]:
                 if id(reader) in members or id(reader) in exits:
                     continue
-                if _transpose4(reader) and reader.input[0] == name and transpose_input_shape(reader, shapes) is not None:
+                if _transpose4(reader) and reader.input[0] == name \
+                        and transpose_input_shape(reader, shapes) is not None:
                     exits[id(reader)] = reader
                 elif _joins(reader, values, shapes):
                     members[id(reader)] = reader

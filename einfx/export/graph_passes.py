@@ -18,7 +18,10 @@
                       split become one copy
     heads_first       attention (scores, scale, mask, softmax, values) run with its batch axes exchanged,
                       (heads, batch, ...), where that costs fewer Transposes (`einfx.export.batch_order`): a
-                      head-aligned q or v is split into heads by a Reshape; merge_relayouts runs again after it
+                      head-aligned q or v is split into heads by a Reshape
+    split_before_gemms  a token split and batch-axis Transpose after a batched GEMM moved before it, the core
+                      broadcast (`einfx.export.early_splits`): a head-aligned key's split meets the Transpose
+                      between its cores; merge_relayouts runs again after these two
     transpose_pairs   Transpose followed by Transpose becomes one Transpose, or nothing when they cancel
     orient_gemms      each chain of constant-core batched GEMMs computed the way round (y = C·X or yᵀ = Xᵀ·Cᵀ)
                       that needs the fewest Transposes (`einfx.export.orientation`): the swap between a BTT
@@ -49,13 +52,15 @@ from onnx import helper, numpy_helper
 from einfx.errors import ExportError
 from einfx.export.batch_order import heads_first
 from einfx.export.biases import attention_biases
+from einfx.export.early_splits import split_before_gemms
 from einfx.export.orientation import orient_gemms
 from einfx.export.relayouts import merge_relayouts
 from einfx.export.onnx_graph import (ELEMENTWISE, constant_values, copy_model, fresh, graph_index, last_dim,
                                       perm_of, prune, relay_region, rename, reshape_target)
 
-__all__ = ["optimize_graph", "PASSES", "LABELS", "dedupe", "attention_biases", "fuse_siblings", "prune", "sink_transposes",
-           "merge_relayouts", "heads_first", "orient_gemms", "transpose_pairs", "plain_norm_sums", "constant_values"]
+__all__ = ["optimize_graph", "PASSES", "LABELS", "dedupe", "attention_biases", "fuse_siblings", "prune",
+           "sink_transposes", "merge_relayouts", "heads_first", "split_before_gemms", "orient_gemms", "transpose_pairs",
+           "plain_norm_sums", "constant_values"]
 
 # a constant input this small is compared by value in dedupe (shapes, axes, perms), larger ones by name
 _SMALL = 64
@@ -312,12 +317,13 @@ def plain_norm_sums(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 
 
 # the passes in the order optimize_graph runs them, each with the name of its count in the report;
-# merge_relayouts runs again once heads_first has moved attention's Transposes, its counts summed
+# merge_relayouts runs again once heads_first and split_before_gemms have moved Transposes, its counts summed
 _STEPS = [("dedupe", dedupe, "deduplicated"), ("attention_biases", attention_biases, "attention biases folded"),
           ("fuse_siblings", fuse_siblings, "sibling matmuls fused"),
           ("sink_transposes", sink_transposes, "transposes sunk"),
           ("merge_relayouts", merge_relayouts, "relayouts merged"),
           ("heads_first", heads_first, "attention transposes removed by heads first"),
+          ("split_before_gemms", split_before_gemms, "token splits moved before a GEMM"),
           ("merge_relayouts", merge_relayouts, "relayouts merged"),
           ("transpose_pairs", transpose_pairs, "transpose pairs"),
           ("orient_gemms", orient_gemms, "transposes removed by GEMM orientation"),
@@ -327,9 +333,9 @@ LABELS = {name: label for name, _, label in _STEPS}  # pass -> the name of its c
 
 
 def optimize_graph(model: onnx.ModelProto, skip: Collection[str] = ()) -> tuple[onnx.ModelProto, dict[str, int]]:
-    """dedupe, attention_biases, fuse_siblings, sink_transposes, merge_relayouts, heads_first, merge_relayouts
-    again, transpose_pairs, orient_gemms, plain_norm_sums and prune, in that order, but those named in
-    ``skip``; returns the model and the counts (0 for a skipped pass).
+    """dedupe, attention_biases, fuse_siblings, sink_transposes, merge_relayouts, heads_first,
+    split_before_gemms, merge_relayouts again, transpose_pairs, orient_gemms, plain_norm_sums and prune, in that
+    order, but those named in ``skip``; returns the model and the counts (0 for a skipped pass).
 
     Raises:
         ExportError: a name in ``skip`` is not one of `PASSES`.

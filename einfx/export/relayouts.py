@@ -360,19 +360,19 @@ def _bias_axis(region, entry, t_shape, values, shapes) -> int | None:
     return axis
 
 
-def _plain_target(name, values, producer, rank) -> bool:
-    """Whether a Reshape target never copies an input dim (no 0 entry): a constant without 0, or a Concat of
-    such constants and Shape slices (the dims of real tensors)."""
+def _plain_target(name, values, producer, rank=None) -> bool:
+    """Whether a Reshape target never copies an input dim (no 0 entry): a constant without 0 (of ``rank``
+    entries at the top), a Shape (the dims of a real tensor), or a Concat, Gather or Slice of such values."""
     if name in values:
         v = values[name].reshape(-1)
-        return v.size == rank and 0 not in v.tolist()
+        return (rank is None or v.size == rank) and 0 not in v.tolist()
     node = producer.get(name)
-    if node is None or node.op_type != "Concat":
+    if node is None:
         return False
-    for i in node.input:
-        if i in values:
-            if 0 in values[i].reshape(-1).tolist():
-                return False
-        elif producer.get(i) is None or producer[i].op_type != "Shape":
-            return False
-    return True
+    if node.op_type == "Shape":
+        return rank is None
+    if node.op_type == "Concat":
+        return all(_plain_target(i, values, producer) for i in node.input)
+    if node.op_type in ("Gather", "Slice"):
+        return _plain_target(node.input[0], values, producer)
+    return False
