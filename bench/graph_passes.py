@@ -1,5 +1,6 @@
 """What the whole-graph passes buy end to end: all-MiniLM-L6-v2's structured exports with no graph pass, with
-every pass but the transpose sinking, with every pass (`einfx.export.graph_passes`), and with the passes that
+every pass but one (the transpose sinking; the attention biases; the layout passes heads_first,
+split_before_gemms and orient_gemms), with every pass (`einfx.export.graph_passes`), and with the passes that
 `einfx.export.pass_choice` keeps after timing them in the runtime (what ``to_onnx(..., runtime=R)`` writes),
 side by side.
 
@@ -38,8 +39,11 @@ from _timing import machine_description, median_times, write_result  # noqa: E40
 
 STRUCTURES = {"btt(4)": Structure.btt(rank=4), "btt(1)": Structure.btt(rank=1),
               "low_rank(1/4)": Structure.low_rank(rank_frac=0.25)}
+LAYOUT = ("heads_first", "split_before_gemms", "orient_gemms")  # the whole-graph layout passes
 VARIANTS = {"no graph passes": None, "passes without sinking": ("sink_transposes",),
-            "passes without attention biases": ("attention_biases",), "all passes": (), "timed choice": "choose"}
+            "passes without attention biases": ("attention_biases",),
+            "passes without heads first, early splits, orientation": LAYOUT, "all passes": (),
+            "timed choice": "choose"}
 
 
 def _counts(counts: dict) -> str:

@@ -27,7 +27,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from einfx.export.onnx_graph import (ELEMENTWISE, constant_values, copy_model, fresh, graph_index, perm_of, prune,
-                                     rename, transpose_input_shape, value_shapes)
+                                     rebuild, rename, transpose_input_shape, value_shapes)
 from einfx.export.relayouts import moves_one_axis
 
 __all__ = ["heads_first"]
@@ -91,11 +91,7 @@ def heads_first(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
                 node.attribute.append(helper.make_attribute("axis", _SWAP[rank_axis]))
         _permute_infos(graph, [o for n in region.nodes for o in n.output]
                        + [t.output[0] for t in region.entries])
-    order = inserted.get(None, [])
-    for node in nodes:
-        order += [node] + inserted.get(id(node), [])
-    del graph.node[:]
-    graph.node.extend(order)
+    rebuild(graph, nodes, after=inserted)
     rename(graph, mapping)
     for info in [v for v in graph.value_info if v.name in mapping]:
         graph.value_info.remove(info)

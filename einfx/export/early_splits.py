@@ -21,7 +21,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from einfx.export.onnx_graph import (constant_values, copy_model, dim_product, fresh, graph_index, perm_of, prune,
-                                     transpose_input_shape, value_shapes)
+                                     rebuild, transpose_input_shape, value_shapes)
 from einfx.export.relayouts import moves_one_axis
 
 __all__ = ["split_before_gemms"]
@@ -46,11 +46,7 @@ def split_before_gemms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         count += 1
     if not count:
         return model, 0
-    order = []
-    for node in nodes:
-        order += replace.get(id(node), [node])
-    del graph.node[:]
-    graph.node.extend(order)
+    rebuild(graph, nodes, replace=replace)
     return prune(out)[0], count
 
 

@@ -12,7 +12,7 @@ from onnx import helper, numpy_helper
 
 __all__ = ["perm_of", "constant_values", "rename", "reshape_target", "last_dim", "prune", "fresh", "copy_model",
            "ELEMENTWISE", "Dim", "value_shapes", "dim_product", "divides", "graph_index", "relay_region", "runs",
-           "elementwise_region", "transpose_input_shape"]
+           "elementwise_region", "transpose_input_shape", "rebuild"]
 
 # A dimension as a monomial: an integer factor times named symbols (the exporter's dim_params, such as
 # "sequence*batch"), symbols sorted. Two dims are known equal when their monomials are; a dim_param that is
@@ -277,3 +277,15 @@ def transpose_input_shape(t: onnx.NodeProto, shapes) -> list[Dim] | None:
     for i, a in enumerate(perm):
         dims[a] = shapes[t.output[0]][i]
     return dims
+
+
+def rebuild(graph: onnx.GraphProto, nodes: list, after: dict | None = None, replace: dict | None = None) -> None:
+    """Set ``graph``'s nodes to ``nodes`` (held by the caller, so their ids are fixed) with the nodes in
+    ``after[id(node)]`` right after ``node`` (``after[None]`` first) and ``node`` itself swapped for
+    ``replace[id(node)]``; a topological order stays one when each new node reads only what comes before it."""
+    after, replace = after or {}, replace or {}
+    order = list(after.get(None, []))
+    for node in nodes:
+        order += replace.get(id(node), [node]) + after.get(id(node), [])
+    del graph.node[:]
+    graph.node.extend(order)

@@ -29,7 +29,8 @@ from onnx import helper, numpy_helper
 
 from einfx.export.gemm_flip import read_swapped, set_perm, swap_info, swapped, transpose_gemm
 from einfx.export.onnx_graph import (ELEMENTWISE, constant_values, copy_model, elementwise_region, fresh,
-                                     graph_index, perm_of, prune, rename, transpose_input_shape, value_shapes)
+                                     graph_index, perm_of, prune, rebuild, rename, transpose_input_shape,
+                                     value_shapes)
 from einfx.export.relayouts import moves_one_axis
 
 __all__ = ["orient_gemms"]
@@ -251,12 +252,8 @@ def _apply(graph, nodes, flips, sides, links_in, links_out, values, shapes, prod
             link.after.input[sides[id(link.after)] if flip_after else 1 - sides[id(link.after)]] = result
         elif result != link.target:
             mapping[link.target] = result
-    order = inserted.get(None, [])
-    for node in nodes:
-        order += [node] + inserted.get(id(node), [])
-    del graph.node[:]
-    graph.node.extend(order)
-    rename(graph, mapping)
+    rename(graph, mapping)  # before the new Transposes join: one may read the value it renames
+    rebuild(graph, nodes, after=inserted)
     for info in [v for v in graph.value_info if v.name in stale]:
         graph.value_info.remove(info)
 

@@ -119,6 +119,29 @@ def test_a_swap_between_two_gemms_disappears_and_the_next_transpose_moves_one_bl
                                ReferenceEvaluator(model).run(None, {"x": x})[0], rtol=1e-5, atol=1e-5)
 
 
+def test_a_flip_that_needs_a_new_transpose_after_a_region_keeps_the_graph_valid():
+    """Transpose (2, 1, 0), a general perm, feeds C @ x, then a bias and a Relu that the graph output reads:
+    flipped, the GEMM reads a one-block Transpose, and a swap after the Relu (read from the region's exit,
+    which keeps its name) restores the layout: two cheap Transposes for one slow one."""
+    rng = np.random.default_rng(0)
+    core, bias = rng.standard_normal((4, 3, 6)).astype(np.float32), rng.standard_normal((4, 3, 1)).astype(np.float32)
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[2, 1, 0]),
+             helper.make_node("MatMul", ["core", "t"], ["g"]),
+             helper.make_node("Add", ["g", "bias"], ["a"]),
+             helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("Identity", ["r"], ["y"])]
+    graph = helper.make_graph(nodes, "region", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 6, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=[numpy_helper.from_array(core, "core"), numpy_helper.from_array(bias, "bias")])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    out, removed = orient_gemms(model)
+    onnx.checker.check_model(out, full_check=True)
+    assert removed == -1 and sorted(_transposes(out)) == [[0, 2, 1], [2, 0, 1]] and _cost(out) < _cost(model)
+    x = rng.standard_normal((5, 6, 4)).astype(np.float32)
+    np.testing.assert_allclose(ReferenceEvaluator(out).run(None, {"x": x})[0],
+                               ReferenceEvaluator(model).run(None, {"x": x})[0], rtol=1e-5, atol=1e-5)
+
+
 def test_a_chain_that_flipping_cannot_improve_is_returned_as_it_was():
     model = _chain(0, gemms=0)
     out, removed = orient_gemms(model)
@@ -136,6 +159,7 @@ def test_a_btt_mlp_loses_the_transpose_between_fc1_and_fc2_and_runs_like_torch(r
     exported = onnx.load(str(tmp_path / "m.onnx"))
     without, _ = optimize_graph(exported, skip=("orient_gemms",))
     full, counts = optimize_graph(exported)
+    onnx.checker.check_model(full, full_check=True)
     assert counts["transposes removed by GEMM orientation"] == 1
     assert _activation_transposes(full) == _activation_transposes(without) - 1
     x = torch.randn(13, 384)

@@ -3,6 +3,7 @@
 import sys
 from pathlib import Path
 
+import onnx
 import pytest
 
 import einfx
@@ -48,6 +49,7 @@ def test_head_aligned_layers_export_with_merged_relayouts_exactly(runtime, tmp_p
     r = einfx.export.to_onnx(model, BERT.inputs(), tmp_path / "m.onnx", latency_repeats=0, runtime=runtime,
                              tokens=16, threads=1, tuning=tuning)
     assert r.verified, [str(c) for c in r.checks]
+    onnx.checker.check_model(str(tmp_path / "m.onnx"), full_check=True)
     if runtime is None:  # tuned plans are timing winners (a layer may fold to dense), so only the planned count
         assert r.rewrites["relayouts merged"] >= 3 * 2  # q, k, v of both layers
         # with the heads first, q's and v's splits become Reshapes (both layers)
