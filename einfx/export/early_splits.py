@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from einfx.export.gemm_flip import core_side
 from einfx.export.onnx_graph import (constant_values, copy_model, dim_product, fresh, graph_index, perm_of, prune,
                                      rebuild, transpose_input_shape, value_shapes)
 from einfx.export.relayouts import moves_one_axis
@@ -52,12 +53,9 @@ def split_before_gemms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 
 def _match(gemm, values, shapes, producer, readers, outputs):
     """(core side, the Reshape, the Transpose, the Reshape's 4-D shape) when ``gemm`` starts the pattern."""
-    if gemm.op_type != "MatMul" or gemm.domain not in ("", "ai.onnx"):
+    side = core_side(gemm, values)
+    if side is None:
         return None
-    constant = [i for i, name in enumerate(gemm.input) if name in values]
-    if len(constant) != 1 or values[gemm.input[constant[0]]].ndim != 3:
-        return None
-    side = constant[0]
     x, y = gemm.input[1 - side], gemm.output[0]
     feeder = producer.get(x)
     if len(shapes.get(x, ())) != 3 or len(shapes.get(y, ())) != 3 or y in outputs or len(readers[y]) != 1 \

@@ -10,7 +10,17 @@ from onnx import helper, numpy_helper
 
 from einfx.export.onnx_graph import fresh
 
-__all__ = ["set_perm", "swapped", "read_swapped", "transpose_gemm", "swap_info"]
+__all__ = ["core_side", "set_perm", "swapped", "read_swapped", "transpose_gemm", "swap_info"]
+
+def core_side(node, values) -> int | None:
+    """Which operand of a MatMul (0 or 1) is its one constant rank-3 core, or None."""
+    if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+        return None
+    constant = [i for i, name in enumerate(node.input) if name in values]
+    if len(constant) != 1 or values[node.input[constant[0]]].ndim != 3:
+        return None
+    return constant[0]
+
 
 def set_perm(node, perm) -> None:
     del node.attribute[:]

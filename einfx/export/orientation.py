@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from einfx.export.gemm_flip import read_swapped, set_perm, swap_info, swapped, transpose_gemm
+from einfx.export.gemm_flip import core_side, read_swapped, set_perm, swap_info, swapped, transpose_gemm
 from einfx.export.onnx_graph import (ELEMENTWISE, constant_values, copy_model, elementwise_region, fresh,
                                      graph_index, perm_of, prune, rebuild, rename, transpose_input_shape,
                                      value_shapes)
@@ -135,13 +135,11 @@ def _drop_identity_reshapes(graph, shapes) -> None:
 def _core_side(node, values, shapes, readers, outputs) -> int | None:
     """Which operand of a MatMul is its constant rank-3 core, when the other is a rank-3 activation of known
     shape and the output, of known shape, is read once inside the graph."""
-    if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or node.output[0] in outputs \
-            or len(readers[node.output[0]]) != 1 or len(shapes.get(node.output[0], ())) != 3:
+    side = core_side(node, values)
+    if side is None or node.output[0] in outputs or len(readers[node.output[0]]) != 1 \
+            or len(shapes.get(node.output[0], ())) != 3 or len(shapes.get(node.input[1 - side], ())) != 3:
         return None
-    constant = [i for i, name in enumerate(node.input) if name in values]
-    if len(constant) != 1 or values[node.input[constant[0]]].ndim != 3:
-        return None
-    return constant[0] if len(shapes.get(node.input[1 - constant[0]], ())) == 3 else None
+    return side
 
 
 def _transpose3(node) -> bool:

@@ -1,12 +1,14 @@
 """Measured whole-graph passes: an optional pass stays only where it makes the graph faster in its runtime.
 
-Every pass of `einfx.export.graph_passes` is exact, but three of them trade one kernel for another, and
+Every pass of `einfx.export.graph_passes` is exact, but four of them trade one kernel for another, and
 whether that pays depends on the runtime: fusing q, k and v into one MatMul gives a wider GEMM and a Split,
 which onnxruntime ran 0.89-0.99x as fast at d = 384 (bench/results/graph_passes.md); a sunk transpose
 changes which MatMul operand is transposed; a residual sum kept out of onnxruntime's SkipLayerNormalization
-fusion pays only where that fused kernel is the slower one. So for a given runtime the graph is built with
-every pass and with each non-empty subset of the optional passes that did something left out (at most eight
-graphs), each is compiled and timed side by side at the deployment shape (interleaved rounds, medians), and
+fusion pays only where that fused kernel is the slower one; a GEMM computed the other way round puts its
+constant core on the other side (OpenVINO ran MiniLM btt(1) 53.6 ms without the orientation pass and 57.4 ms
+with it, for one set of tuned plans, where onnxruntime gains). So for a given runtime the graph is built with
+every pass and with each non-empty subset of the optional passes that did something left out (at most
+sixteen graphs), each is compiled and timed side by side at the deployment shape (interleaved rounds, medians), and
 the fastest is kept; leaving passes out must win by `KEEP_MARGIN`, so timing noise keeps the full set.
 
     graph, choice = choose_passes(model, "openvino", feeds)
@@ -30,7 +32,7 @@ from einfx.export.tune import median_times
 __all__ = ["PassChoice", "choose_passes", "OPTIONAL", "KEEP_MARGIN", "label"]
 
 # passes whose benefit depends on the runtime; the others (dedupe, transpose pairs, prune) only remove work
-OPTIONAL = ("fuse_siblings", "sink_transposes", "plain_norm_sums")
+OPTIONAL = ("fuse_siblings", "sink_transposes", "plain_norm_sums", "orient_gemms")
 # a graph with passes left out replaces the full one only when it is this much faster
 KEEP_MARGIN = 1.02
 

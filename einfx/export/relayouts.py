@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from einfx.export.gemm_flip import read_swapped, set_perm, swap_info, swapped, transpose_gemm
+from einfx.export.gemm_flip import core_side, read_swapped, set_perm, swap_info, swapped, transpose_gemm
 from einfx.export.onnx_graph import (Dim, constant_values, copy_model, elementwise_region, fresh, graph_index,
                                      perm_of, prune, relay_region, runs, value_shapes)
 
@@ -186,13 +186,9 @@ def _flipped(first, graph, values, shapes, producer, readers, outputs, taken, dr
 
 def _gemm_side(gemm, values, readers, outputs, drop) -> int | None:
     """Which operand of a MatMul is its one constant rank-3 core (0 or 1), when its output has one reader."""
-    if gemm is None or gemm.op_type != "MatMul" or id(gemm) in drop or gemm.output[0] in outputs \
-            or len(readers[gemm.output[0]]) != 1:
+    if gemm is None or id(gemm) in drop or gemm.output[0] in outputs or len(readers[gemm.output[0]]) != 1:
         return None
-    constant = [i for i, name in enumerate(gemm.input) if name in values]
-    if len(constant) != 1 or values[gemm.input[constant[0]]].ndim != 3:
-        return None
-    return constant[0]
+    return core_side(gemm, values)
 
 
 def _identity_reshape(node, readers, shapes, outputs) -> bool:
