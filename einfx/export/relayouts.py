@@ -206,16 +206,6 @@ def _past_identity(name, producer, readers, shapes, outputs):
     return name, None
 
 
-
-
-
-
-
-
-
-
-
-
 def _flip_output(first, graph, values, shapes, producer, readers, outputs, taken, drop) -> _Merge | None:
     y, bypass = _past_identity(first.input[0], producer, readers, shapes, outputs)
     gemm = producer.get(y)
@@ -325,8 +315,6 @@ def _way(first, readers, outputs):
             return None
         region, exit_ = found
         entry, name = name, exit_
-
-
 
 
 def _bias_axis(region, entry, t_shape, values, shapes) -> int | None:
