@@ -26,8 +26,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from einfx.export.onnx_graph import (ELEMENTWISE, constant_values, copy_model, fresh, graph_index, perm_of, prune,
-                                     rebuild, rename, transpose_input_shape, value_shapes)
+from einfx.export.onnx_graph import (ELEMENTWISE, constant_values, copy_model, fresh, graph_index, is_transpose,
+                                     perm_of, prune, rebuild, rename, transpose_input_shape, value_shapes)
 from einfx.export.relayouts import moves_one_axis
 
 __all__ = ["heads_first"]
@@ -103,11 +103,6 @@ def _activation_matmul(node, values, shapes) -> bool:
         and all(i not in values and len(shapes.get(i, ())) == 4 for i in node.input)
 
 
-def _transpose4(node) -> bool:
-    return node is not None and node.op_type == "Transpose" and node.domain in ("", "ai.onnx") \
-        and perm_of(node) is not None and len(perm_of(node)) == 4
-
-
 def _grow(seed, values, shapes, producer, readers, outputs) -> _Region | None:
     """The region around ``seed`` (see the module's docstring), or None where it is entered or left otherwise."""
     members, frontier = {id(seed): seed}, [seed]
@@ -121,7 +116,7 @@ def _grow(seed, values, shapes, producer, readers, outputs) -> _Region | None:
             if source is not None and id(source) in members:
                 continue
             if node.op_type == "MatMul":
-                if not _transpose4(source) or transpose_input_shape(source, shapes) is None or name in outputs:
+                if not is_transpose(source, 4) or transpose_input_shape(source, shapes) is None or name in outputs:
                     return None
                 entries[id(source)] = source
             elif node.op_type in ELEMENTWISE and len(shapes.get(name, ())) == 4:
@@ -134,7 +129,7 @@ def _grow(seed, values, shapes, producer, readers, outputs) -> _Region | None:
             for reader in readers[name]:
                 if id(reader) in members or id(reader) in exits:
                     continue
-                if _transpose4(reader) and reader.input[0] == name \
+                if is_transpose(reader, 4) and reader.input[0] == name \
                         and transpose_input_shape(reader, shapes) is not None:
                     exits[id(reader)] = reader
                 elif _joins(reader, values, shapes):

@@ -12,7 +12,7 @@ from onnx import helper, numpy_helper
 
 __all__ = ["perm_of", "constant_values", "rename", "reshape_target", "last_dim", "prune", "fresh", "copy_model",
            "ELEMENTWISE", "Dim", "value_shapes", "dim_product", "divides", "graph_index", "relay_region", "runs",
-           "elementwise_region", "transpose_input_shape", "rebuild"]
+           "elementwise_region", "transpose_input_shape", "rebuild", "is_transpose"]
 
 # A dimension as a monomial: an integer factor times named symbols (the exporter's dim_params, such as
 # "sequence*batch"), symbols sorted. Two dims are known equal when their monomials are; a dim_param that is
@@ -28,6 +28,12 @@ ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Gelu", "Erf", "Tanh", "Sigmoi
 
 def perm_of(node: onnx.NodeProto) -> list[int] | None:
     return next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+
+
+def is_transpose(node: onnx.NodeProto | None, rank: int) -> bool:
+    """Whether ``node`` is a default-domain Transpose with an explicit perm of ``rank`` axes."""
+    return node is not None and node.op_type == "Transpose" and node.domain in ("", "ai.onnx") \
+        and len(perm_of(node) or ()) == rank
 
 
 def constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:

@@ -29,8 +29,8 @@ from onnx import helper, numpy_helper
 
 from einfx.export.gemm_flip import core_side, read_swapped, set_perm, swap_info, swapped, transpose_gemm
 from einfx.export.onnx_graph import (ELEMENTWISE, constant_values, copy_model, elementwise_region, fresh,
-                                     graph_index, perm_of, prune, rebuild, rename, transpose_input_shape,
-                                     value_shapes)
+                                     graph_index, is_transpose, perm_of, prune, rebuild, rename,
+                                     transpose_input_shape, value_shapes)
 from einfx.export.relayouts import moves_one_axis
 
 __all__ = ["orient_gemms"]
@@ -142,11 +142,6 @@ def _core_side(node, values, shapes, readers, outputs) -> int | None:
     return side
 
 
-def _transpose3(node) -> bool:
-    return node is not None and node.op_type == "Transpose" and node.domain in ("", "ai.onnx") \
-        and perm_of(node) is not None and len(perm_of(node)) == 3
-
-
 def _out_link(gemm, sides, values, shapes, producer, readers, outputs) -> _Link:
     y = gemm.output[0]
     region, end = [], y
@@ -154,7 +149,7 @@ def _out_link(gemm, sides, values, shapes, producer, readers, outputs) -> _Link:
     if found is not None and _relayable(found[0], y, values, shapes[y]):
         region, end = found
     transpose, target = None, end
-    if len(readers[end]) == 1 and _transpose3(readers[end][0]) and end not in outputs:
+    if len(readers[end]) == 1 and is_transpose(readers[end][0], 3) and end not in outputs:
         transpose = readers[end][0]
         target = transpose.output[0]
     reader = readers[target][0] if len(readers[target]) == 1 and target not in outputs else None
@@ -167,7 +162,7 @@ def _out_link(gemm, sides, values, shapes, producer, readers, outputs) -> _Link:
 def _in_link(gemm, side, shapes, producer, readers, outputs) -> _Link:
     x = gemm.input[1 - side]
     feeder = producer.get(x)
-    if _transpose3(feeder) and len(readers[x]) == 1 and transpose_input_shape(feeder, shapes) is not None:
+    if is_transpose(feeder, 3) and len(readers[x]) == 1 and transpose_input_shape(feeder, shapes) is not None:
         return _Link(feeder.input[0], transpose_input_shape(feeder, shapes), None, feeder.input[0], feeder, x, gemm)
     return _Link(x, list(shapes[x]), None, x, None, x, gemm)
 
