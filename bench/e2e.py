@@ -9,7 +9,9 @@ model of the fidelity benchmark, a FLOP budget of 0.5 met with calibration data)
 ``einfx.export.to_onnx(..., runtime=R, tokens=batch × length)``: every structured layer's fold-to-dense
 decision and plan measured in runtime R at that shape, and the optional whole-graph passes kept only where R
 runs the graph faster with them (`einfx.export.pass_choice`). In onnxruntime the structured graph is also run
-through the same optimizer as the dense one, and the faster of the two is kept.
+through the same optimizer as the dense one, and the faster of the two is kept. "openvino (static shape)"
+compiles every graph, dense included, for the timing shape (``Model.reshape``), and exports the structured
+ones with ``deploy_shape=(batch, length)`` so that their passes are chosen compiled that way.
 
 Columns: median latency, speedup against the fastest dense graph of the same runtime, the FLOP bound (the
 dense model's FLOPs over the structured model's at that shape: the speedup if time followed FLOPs), layers
@@ -26,6 +28,7 @@ Writes bench/results/e2e.md.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import os
 import sys
@@ -48,6 +51,10 @@ from einfx.export.runtimes import available, load  # noqa: E402
 from _timing import machine_description, median_times, write_result  # noqa: E402
 
 THREADS = 2
+# the runtimes timed: name -> (runtime, compiled for the timing shape, as OpenVINO deployments do with
+# Model.reshape); every graph of a variant, the dense baselines included, is compiled the same way
+VARIANTS = {"onnxruntime": ("onnxruntime", False), "openvino": ("openvino", False),
+            "openvino (static shape)": ("openvino", True)}
 STRUCTURES = {"low_rank(1/4)": Structure.low_rank(rank_frac=0.25), "btt(4)": Structure.btt(rank=4),
               "btt(1)": Structure.btt(rank=1)}
 
@@ -165,9 +172,10 @@ def activation_transposes(path: str) -> int:
     return count
 
 
-def executed_transposes(runtime: str, path: str) -> int:
+def executed_transposes(runtime: str, path: str, feeds: dict | None = None) -> int:
     """Transposes in the graph the runtime runs after its own optimizations (onnxruntime: the optimized model
-    it writes; OpenVINO: the compiled model's runtime graph), including those it could not fuse into a GEMM."""
+    it writes; OpenVINO: the compiled model's runtime graph, compiled for the shapes of ``feeds`` when given),
+    including those it could not fuse into a GEMM."""
     if runtime == "onnxruntime":
         import onnxruntime as ort
 
@@ -181,7 +189,11 @@ def executed_transposes(runtime: str, path: str) -> int:
         return sum(n.op_type == "Transpose" for n in graph.node)
     import openvino as ov
 
-    compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_NUM_THREADS": THREADS})
+    core = ov.Core()
+    model = core.read_model(path)
+    if feeds is not None:
+        model.reshape({p: ov.PartialShape(list(feeds[p.get_any_name()].shape)) for p in model.inputs})
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": THREADS})
     return sum(op.get_rt_info()["layerType"].astype(str) == "Transpose"
                for op in compiled.get_runtime_model().get_ordered_ops())
 
@@ -218,7 +230,14 @@ def ort_optimized(path: str, spec: Spec, out: str) -> str | None:
         return None
 
 
-def run_model(spec: Spec, shapes: list[tuple[int, int]], rows: dict, folder: str, repeat: int) -> list[list]:
+def static_shapes(path: str, feeds: dict) -> dict:
+    """The timing feeds' shapes for the inputs of the graph at ``path``: what it is compiled for when static."""
+    names = [i.name for i in onnx.load(path, load_external_data=False).graph.input]
+    return {n: feeds[n].shape for n in names}
+
+
+def run_model(spec: Spec, shapes: list[tuple[int, int]], rows: dict, folder: str, repeat: int,
+              variants=tuple(VARIANTS)) -> list[list]:
     model = spec.build()
     example = spec.example()
     t0 = time.time()
@@ -237,23 +256,26 @@ def run_model(spec: Spec, shapes: list[tuple[int, int]], rows: dict, folder: str
         feeds = spec.feeds(batch, length)
         shape = f"{batch} images ({tokens} tokens)" if spec.images else f"{batch}x{length}"
         dense_flops = model_flops(model, torch_inputs(spec, batch, length))
-        for runtime in ("onnxruntime", "openvino"):
+        for variant in variants:
+            runtime, static = VARIANTS[variant]
             if not available(runtime):
                 continue
-            base_run = executed_transposes(runtime, dense_path)
+            deploy = ((batch,) if spec.images else (batch, length)) if static else None
+            base_run = executed_transposes(runtime, dense_path, feeds if static else None)
             graphs = {"dense (einfx export)": dense_path}
             if runtime == "onnxruntime" and dense_opt:
                 graphs["dense + ORT optimizer"] = dense_opt
             info = {}
             for label, m in structured.items():
-                path = os.path.join(folder, f"{label}-{runtime}-{tokens}.onnx".replace("/", "_"))
+                path = os.path.join(folder, f"{label}-{runtime}-{tokens}{'-static' if static else ''}.onnx"
+                                    .replace("/", "_"))
                 t = time.time()
                 rep = einfx.export.to_onnx(m, example, path, latency_repeats=0, runtime=runtime, tokens=tokens,
-                                           threads=THREADS)
+                                           threads=THREADS, deploy_shape=deploy)
                 kept = sum(not tu.dense for tu in rep.tuned.values())
                 flops = model_flops(m, torch_inputs(spec, batch, length))
                 extra = activation_transposes(path) - base_transposes
-                run_extra = executed_transposes(runtime, path) - base_run
+                run_extra = executed_transposes(runtime, path, feeds if static else None) - base_run
                 info[label] = (kept, len(rep.tuned), dense_flops / flops,
                                f"{extra / kept:.1f} / {run_extra / kept:.1f}" if kept else "-")
                 graphs[label] = path
@@ -262,11 +284,14 @@ def run_model(spec: Spec, shapes: list[tuple[int, int]], rows: dict, folder: str
                     if opt:
                         graphs[label + " + ORT optimizer"] = opt
                         info[label + " + ORT optimizer"] = info[label]
-                print(f"  {label} for {runtime} at {tokens} tokens: {kept}/{len(rep.tuned)} layers structured, "
+                print(f"  {label} for {variant} at {tokens} tokens: {kept}/{len(rep.tuned)} layers structured, "
                       f"{time.time() - t:.0f} s", flush=True)
-            runners = {k: load(runtime, p, THREADS, spinning=False) for k, p in graphs.items()}
+            runners = {k: load(runtime, p, THREADS, spinning=False, shapes=static_shapes(p, feeds) if static else None)
+                       for k, p in graphs.items()}
             fns = {k: (lambda r=r: r({n: feeds[n] for n in r.input_names})) for k, r in runners.items()}
             times = median_times(fns, warmup=2, repeat=repeat, min_time=0.3)
+            del fns, runners  # each variant times with the runtimes of no other variant alive (their threads)
+            gc.collect()
             best_dense = min(v for k, v in times.items() if k.startswith("dense"))
             best = {}
             for label, t in times.items():
@@ -275,12 +300,12 @@ def run_model(spec: Spec, shapes: list[tuple[int, int]], rows: dict, folder: str
                     best[base] = label
             for label, t in times.items():
                 if label.startswith("dense"):
-                    table.append([spec.name, shape, runtime, label, f"{t * 1e3:.1f}",
+                    table.append([spec.name, shape, variant, label, f"{t * 1e3:.1f}",
                                   f"{best_dense / t:.2f}x", "1.00", "-", "-"])
             for base, label in best.items():
                 kept, total, bound, tr = info[label]
                 t = times[label]
-                table.append([spec.name, shape, runtime, label, f"{t * 1e3:.1f}",
+                table.append([spec.name, shape, variant, label, f"{t * 1e3:.1f}",
                               f"{best_dense / t:.2f}x", f"{bound:.2f}", f"{kept}/{total}", tr])
             for row in table[-len(best) - sum(k.startswith('dense') for k in times):]:
                 print("  | " + " | ".join(row) + " |", flush=True)
@@ -295,6 +320,8 @@ def main() -> None:
     parser.add_argument("--search", action="store_true",
                         help="MiniLM also as the search over θ makes it at a FLOP budget of 0.5 (with calibration data)")
     parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--runtimes", nargs="*", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="runtime variants to time (default: all)")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "e2e.md"))
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
@@ -304,14 +331,16 @@ def main() -> None:
     for name in args.models.split(","):
         with tempfile.TemporaryDirectory(prefix="einfx-e2e-") as folder:
             extra = {SEARCHED: searched_minilm()} if args.search and name == "minilm" else {}
-            table += run_model(MODELS[name](), shapes, {**rows, **extra}, folder, args.repeat)
+            table += run_model(MODELS[name](), shapes, {**rows, **extra}, folder, args.repeat, args.runtimes)
     header = ["model", "batch x tokens", "runtime", "graph", "ms", "speedup vs best dense", "FLOP bound",
               "layers structured", "activation transposes / structured layer (file / executed)"]
     lines = ["# End to end: structured exports against the fastest dense graph, per runtime", "",
              f"{machine_description()}; {THREADS} threads; float32; onnxruntime {__import__('onnxruntime').__version__}"
              + (f", OpenVINO {__import__('openvino').__version__} (f32 hint)" if available("openvino") else ""),
              "", "Each structured graph is `einfx.export.to_onnx(..., runtime=R, tokens=batch x tokens)`: its layers' "
-             "fold-to-dense decisions and plans measured in R at that shape. Medians of interleaved rounds; idle "
+             "fold-to-dense decisions and plans measured in R at that shape. 'openvino (static shape)': every graph, "
+             "dense included, compiled for the timing shape (Model.reshape), the structured ones exported with "
+             "`deploy_shape=(batch, tokens)`. Medians of interleaved rounds; idle "
              f"worker threads not spinning. Total {(time.time() - started) / 60:.0f} min.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in table]

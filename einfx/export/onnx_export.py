@@ -333,16 +333,17 @@ def _verify(tmp_path, reference, inputs, axes, dtype, device, verify_inputs, lat
     return (sess.provider,), tuple(checks), latency, note
 
 
-def _rewrite_graph(path: str, runtime: str | None = None, feeds=None, threads: int = 0
+def _rewrite_graph(path: str, runtime: str | None = None, feeds=None, threads: int = 0, static: bool = False
                    ) -> tuple[dict[str, int], PassChoice | None]:
     """`optimize_graph` on the file in place (the temporary export, before any check); with a runtime, the
-    optional passes are kept only where they are faster there (`choose_passes` on ``feeds``)."""
+    optional passes are kept only where they are faster there (`choose_passes` on ``feeds``, compiled for
+    their shapes when ``static``)."""
     model = onnx.load(path)
     choice = None
     if runtime is None:
         rewritten, counts = optimize_graph(model)
     else:
-        rewritten, choice = choose_passes(model, runtime, feeds, threads)
+        rewritten, choice = choose_passes(model, runtime, feeds, threads, static=static)
         counts = choice.counts
     if any(counts.values()):
         onnx.save(rewritten, path)
@@ -365,6 +366,45 @@ def deploy_feeds(inputs: Sequence[torch.Tensor], names: Sequence[str], axes: Map
     times = max(1, -(-tokens // int(rows))) if batched else 1
     return {name: x.repeat(times, *([1] * (x.dim() - 1))).numpy()
             for name, x in zip(names, cast_inputs(inputs, dtype))}
+
+
+def shaped_feeds(inputs: Sequence[torch.Tensor], names: Sequence[str], axes: Mapping[int, Mapping[int, str]],
+                 shape: tuple[int, ...], dtype: str) -> dict[str, np.ndarray]:
+    """The example inputs tiled (then cut) to the deployment ``shape``, (batch,) or (batch, sequence), as
+    numpy feeds: along every dynamic batch axis, and along every dynamic sequence axis (`_sequence_axis`)."""
+    feeds = {}
+    for i, (name, x) in enumerate(zip(names, cast_inputs(inputs, dtype))):
+        for dim, size in ((0, shape[0]), (1, shape[1] if len(shape) > 1 else None)):
+            axis = axes.get(i, {}).get(dim)
+            if size is None or axis not in (BATCH, "sequence", "decoder_sequence") or x.dim() <= dim:
+                continue
+            reps = [1] * x.dim()
+            reps[dim] = -(-size // x.shape[dim])
+            x = x.repeat(*reps).narrow(dim, 0, size)
+        feeds[name] = x.numpy()
+    return feeds
+
+
+def _check_deploy_shape(shape, names, inputs, axes, runtime) -> tuple[int, ...] | None:
+    """``deploy_shape`` as a tuple, refused with the reason when it cannot be met."""
+    if shape is None:
+        return None
+    if runtime is None:
+        raise ExportError("deploy_shape is the shape the runtime compiles the graph at; give runtime= too "
+                          "('onnxruntime' or 'openvino')")
+    if isinstance(shape, int):
+        shape = (shape,)
+    shape = tuple(shape)
+    if not 1 <= len(shape) <= 2 or not all(isinstance(d, int) and d > 0 for d in shape):
+        raise ExportError(f"deploy_shape must be (batch,) or (batch, sequence) of positive ints, got {shape!r}")
+    kinds = {axis for dims in axes.values() for axis in dims.values()}
+    if shape[0] != inputs[0].shape[0] and BATCH not in kinds:
+        raise ExportError(f"deploy_shape batch {shape[0]} differs from the example's {inputs[0].shape[0]}, but "
+                          "no input has a dynamic batch axis (dynamic_batch=False)")
+    if len(shape) == 2 and not kinds & {"sequence", "decoder_sequence"}:
+        raise ExportError(f"deploy_shape {shape} gives a sequence length, but none of the inputs {list(names)} has "
+                          "a dynamic sequence axis (integer (batch, tokens) inputs with dynamic_sequence=True)")
+    return shape
 
 
 def _verify_openvino(tmp_path, reference, inputs, dtype) -> tuple[ParityCheck, ...]:
@@ -411,7 +451,8 @@ def to_onnx(module: torch.nn.Module, example_inputs, path: str | os.PathLike, dt
             verify_inputs: Sequence[Sequence[torch.Tensor]] | None = None,
             latency_repeats: int = 10, dynamic_sequence: bool = True,
             outputs: Sequence[str] | None = None, runtime: str | None = None, tokens: int = DEPLOY_TOKENS,
-            threads: int = 0, tuning: TuningCache | None = None, graph_passes: bool = True) -> ExportReport:
+            threads: int = 0, tuning: TuningCache | None = None, graph_passes: bool = True,
+            deploy_shape: tuple[int, ...] | None = None) -> ExportReport:
     """Export ``module`` to an ONNX file at ``path``, check it and verify it against torch.
 
     Args:
@@ -451,6 +492,10 @@ def to_onnx(module: torch.nn.Module, example_inputs, path: str | os.PathLike, dt
             kept only where that runtime runs the graph faster with them, timed on the example inputs repeated
             along the batch axis to ``tokens`` rows (`einfx.export.pass_choice`). Skipped for weights in an
             external data file.
+        deploy_shape: with a ``runtime``, the static shape the graph will be compiled at, (batch,) or (batch,
+            sequence), as OpenVINO deployments do with ``Model.reshape`` (`einfx.export.runtimes`): the layers
+            are tuned at batch × sequence rows (instead of ``tokens``; batch-only: ``tokens``), and the optional
+            passes are timed on the example tiled to that shape, compiled for it.
 
     Returns:
         An `ExportReport`.
@@ -470,6 +515,9 @@ def to_onnx(module: torch.nn.Module, example_inputs, path: str | os.PathLike, dt
         raise ExportError(f"cannot write {path}: folder {folder!r} does not exist")
     what = _describe(module)
     axes = _dynamic_axes(names, inputs, dynamic_batch, dynamic_sequence, dynamic_axes)
+    deploy_shape = _check_deploy_shape(deploy_shape, names, inputs, axes, runtime)
+    if deploy_shape is not None and len(deploy_shape) == 2:
+        tokens = deploy_shape[0] * deploy_shape[1]
     reference = ExportView(_eager_attention(copy.deepcopy(module).eval()), names, keyword, outputs) if verify else None
     if runtime is not None:
         check_runtime(runtime)
@@ -488,8 +536,13 @@ def to_onnx(module: torch.nn.Module, example_inputs, path: str | os.PathLike, dt
         _export(view, traced, axes, opset, tmp_path, use_external, what, names, view.output_names)
         rewrites, choice = {}, None
         if graph_passes and not use_external:
-            feeds = deploy_feeds(inputs, names, axes, tokens, dtype) if runtime is not None else None
-            rewrites, choice = _rewrite_graph(tmp_path, runtime, feeds, threads)
+            if runtime is None:
+                feeds = None
+            elif deploy_shape is not None:
+                feeds = shaped_feeds(inputs, names, axes, deploy_shape, dtype)
+            else:
+                feeds = deploy_feeds(inputs, names, axes, tokens, dtype)
+            rewrites, choice = _rewrite_graph(tmp_path, runtime, feeds, threads, static=deploy_shape is not None)
         op_counts = check_onnx(tmp_path)
         providers, checks, latency, note = (), (), None, "not verified (verify=False)"
         if verify:

@@ -46,16 +46,20 @@ class PassChoice:
         skipped: the optional passes left out of the kept graph.
         times: label (`label`) -> median seconds per run, for every graph timed.
         counts: the kept graph's pass counts (as `optimize_graph` returns them).
+        shapes: input name -> the static shape the graphs were compiled for; empty: compiled with their
+            dynamic axes.
     """
 
     runtime: str
     skipped: tuple[str, ...]
     times: dict = field(default_factory=dict)
     counts: dict = field(default_factory=dict)
+    shapes: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         times_ms = {k: round(v * 1e3, 4) for k, v in self.times.items()}
-        return {"runtime": self.runtime, "skipped": list(self.skipped), "times_ms": times_ms}
+        return {"runtime": self.runtime, "skipped": list(self.skipped), "times_ms": times_ms,
+                "shapes": {k: list(v) for k, v in self.shapes.items()}}
 
 
 def label(skipped: tuple[str, ...]) -> str:
@@ -63,7 +67,8 @@ def label(skipped: tuple[str, ...]) -> str:
 
 
 def choose_passes(model: onnx.ModelProto, runtime: str, feeds: Mapping[str, np.ndarray], threads: int = 0, *,
-                  timer=median_times, margin: float = KEEP_MARGIN) -> tuple[onnx.ModelProto, PassChoice]:
+                  timer=median_times, margin: float = KEEP_MARGIN, static: bool = False
+                  ) -> tuple[onnx.ModelProto, PassChoice]:
     """The fastest of ``model`` rewritten with every pass and with the active optional passes left out.
 
     Args:
@@ -73,6 +78,8 @@ def choose_passes(model: onnx.ModelProto, runtime: str, feeds: Mapping[str, np.n
         threads: runtime threads (0: the runtime's default).
         timer: ``timer({label: fn}) -> {label: seconds}`` (tests substitute a fake clock).
         margin: how much faster a graph with passes left out must be to be kept.
+        static: compile each graph for the feeds' shapes (`einfx.export.runtimes.load` with ``shapes``), as a
+            deployment at that static shape does.
     """
     full, counts = optimize_graph(model)
     active = [name for name in OPTIONAL if counts[LABELS[name]]]
@@ -80,14 +87,16 @@ def choose_passes(model: onnx.ModelProto, runtime: str, feeds: Mapping[str, np.n
     for k in range(1, len(active) + 1):
         for skipped in itertools.combinations(active, k):
             graphs[skipped] = optimize_graph(model, skip=skipped)
-    if len(graphs) == 1:
-        return full, PassChoice(runtime, (), {}, counts)
     names = {i.name for i in model.graph.input}
     inputs = {k: v for k, v in feeds.items() if k in names}
-    runners = {label(s): load(runtime, g, threads, spinning=False) for s, (g, _) in graphs.items()}
+    shapes = {k: tuple(v.shape) for k, v in inputs.items()} if static else {}
+    if len(graphs) == 1:
+        return full, PassChoice(runtime, (), {}, counts, shapes)
+    runners = {label(s): load(runtime, g, threads, spinning=False, shapes=shapes or None)
+               for s, (g, _) in graphs.items()}
     times = timer({name: (lambda r=r: r(inputs)) for name, r in runners.items()})
     best = min(graphs, key=lambda s: times[label(s)])
     if times[label(best)] * margin >= times[label(())]:
         best = ()
     graph, kept = graphs[best]
-    return graph, PassChoice(runtime, best, times, kept)
+    return graph, PassChoice(runtime, best, times, kept, shapes)
