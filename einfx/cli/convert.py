@@ -67,6 +67,7 @@ class RunOptions:
     resume: bool = False
     data: str | None = None
     runtime: str | None = None
+    deploy_shape: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,8 @@ def fingerprint(task: Task, options: RunOptions) -> dict:
         marks["data_sha256"] = _sha256_or_none(options.data)
     if options.runtime is not None:
         marks["runtime"] = options.runtime
+    if options.deploy_shape is not None:
+        marks["deploy_shape"] = list(options.deploy_shape)
     return marks
 
 
@@ -197,6 +200,8 @@ def run_one(task: Task, options: RunOptions, convert_fn: Converter | None = None
         extra = {"data": options.data} if options.data is not None else {}
         if options.runtime is not None:
             extra["runtime"] = options.runtime
+        if options.deploy_shape is not None:
+            extra["deploy_shape"] = options.deploy_shape
         report = convert_fn(task.spec, task.policy, staging, options.dtype, options.tokens, **extra)
         full = outputs.finalize_report(staging, report, task.key, slug, marks, time.perf_counter() - start)
         outputs.publish(staging, final)
@@ -360,6 +365,18 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def parse_deploy_shape(text: str, runtime: str | None) -> tuple[int, ...]:
+    """``--deploy-shape`` "8x128" (batch x sequence) or "8" (batch) as a tuple; `EinfxError` naming the value."""
+    if runtime is None:
+        raise EinfxError(f"--deploy-shape {text}: give --runtime too (the shape is the one that runtime compiles "
+                         "the file at)")
+    parts = text.lower().split("x")
+    if not 1 <= len(parts) <= 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise EinfxError(f"--deploy-shape {text!r}: expected BATCHxSEQUENCE or BATCH of positive integers, "
+                         "e.g. 8x128")
+    return tuple(int(p) for p in parts)
 
 
 def check_options(dtype: str, tokens: int, jobs: int) -> None:

@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--runtime", choices=("onnxruntime", "openvino"),
                          help="the runtime the ONNX file is for: every structured layer's plan and fold-to-dense "
                               "decision is measured there (cached), and the file is verified there")
+    convert.add_argument("--deploy-shape", metavar="BxS", help="with --runtime: the static (batch x sequence) "
+                         "shape the runtime will compile the file at, e.g. 8x128 (or B for models without a "
+                         "sequence axis): the layers are tuned, and the graph passes timed, at that shape")
     convert.set_defaults(handler=_run_convert)
     return parser
 
@@ -108,12 +111,14 @@ def _run_explain(args: argparse.Namespace) -> int:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from einfx.cli.convert import RunOptions, check_options, collect_tasks, run_batch, select_tasks
+    from einfx.cli.convert import (RunOptions, check_options, collect_tasks, parse_deploy_shape, run_batch,
+                                   select_tasks)
     from einfx.cli.shard import parse_shard
 
     try:
         shard = parse_shard(args.shard) if args.shard else None
         check_options(args.dtype, args.tokens, args.jobs)
+        deploy_shape = parse_deploy_shape(args.deploy_shape, args.runtime) if args.deploy_shape else None
         _check_policy_file(args.policy)
         if args.data is not None and not os.path.isfile(args.data):
             raise EinfxError(f"--data {args.data!r}: no such file")
@@ -124,7 +129,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         return _usage_error("convert", exc)
     selected = select_tasks(tasks, shard)
     options = RunOptions(out_dir=args.out, dtype=args.dtype, tokens=args.tokens, resume=args.resume, data=args.data,
-                         runtime=args.runtime)
+                         runtime=args.runtime, deploy_shape=deploy_shape)
     batch = run_batch(selected, options, convert_fn=args.convert_fn, jobs=args.jobs, shard=shard)
     counts = {s: sum(r.status == s for r in batch.results) for s in ("ok", "skipped", "failed")}
     where = f" (shard {shard[0]}/{shard[1]}: {len(selected)} of {len({t.key for t in tasks})} models)" if shard else ""

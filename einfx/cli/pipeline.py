@@ -103,7 +103,8 @@ def explain_one(spec: ModelSpec, policy: str, tokens: int = 128, data: str | Non
 
 
 def convert_one(spec: ModelSpec, policy: str, out_dir: str, dtype: str = "float32", tokens: int = 128,
-                data: str | None = None, runtime: str | None = None) -> dict:
+                data: str | None = None, runtime: str | None = None,
+                deploy_shape: tuple[int, ...] | None = None) -> dict:
     """Convert one model: build, optimize (with its explain report), export ``out_dir/model.onnx``, verify it.
 
     Args:
@@ -116,6 +117,8 @@ def convert_one(spec: ModelSpec, policy: str, out_dir: str, dtype: str = "float3
             carries the fidelity of the converted model to the original on them.
         runtime: ``"onnxruntime"`` or ``"openvino"``: the layers' plans and folds are measured there
             (`einfx.export.tune`) and the file is verified there; None: the cost model decides.
+        deploy_shape: with ``runtime``, the static (batch, sequence) or (batch,) shape that runtime will
+            compile the file at (`einfx.export.to_onnx`'s ``deploy_shape``).
 
     Returns:
         The report: ``model`` (family, inputs), ``explain`` (rows), ``params`` / ``flops`` (before, after),
@@ -142,6 +145,8 @@ def convert_one(spec: ModelSpec, policy: str, out_dir: str, dtype: str = "float3
     latency_after = _torch_latency_ms(optimized, inputs)
     # to_onnx flattens dict/tuple outputs (Hugging Face ModelOutput) and applies the deploy passes itself.
     tuning = {"runtime": runtime} if runtime is not None else {}
+    if deploy_shape is not None:
+        tuning["deploy_shape"] = tuple(deploy_shape)
     exported = _api("export.to_onnx")(optimized, inputs, os.path.join(out_dir, ONNX_NAME), dtype=dtype,
                                       verify=True, **tuning)
     fid = getattr(report, "fidelity", None)
@@ -158,6 +163,7 @@ def convert_one(spec: ModelSpec, policy: str, out_dir: str, dtype: str = "float3
             "op_counts": dict(getattr(exported, "op_counts", {}) or {}),
             "passes": list(getattr(exported, "passes", ()) or ()),
             "runtime": runtime,
+            "deploy_shape": list(deploy_shape) if deploy_shape is not None else None,
             "tuned": {name: t.describe() for name, t in (getattr(exported, "tuned", None) or {}).items()},
             "graph_rewrites": dict(getattr(exported, "rewrites", {}) or {}),
             "graph_pass_choice": (exported.pass_choice.to_dict() if getattr(exported, "pass_choice", None)

@@ -144,3 +144,32 @@ def test_convert_for_a_runtime_tunes_and_verifies_there(tmp_path, monkeypatch):
     assert export["runtime"] == "openvino" and export["passes"][0].startswith("tune[openvino")
     assert export["tuned"] and all(v.startswith("openvino: ") for v in export["tuned"].values())
     assert (tmp_path / "cache" / "tuning-openvino-cpu-v1.json").exists()
+
+
+@pytest.mark.slow
+def test_convert_for_a_deployment_shape_tunes_and_times_the_passes_there(tmp_path, monkeypatch):
+    monkeypatch.setenv("EINFX_CACHE_DIR", str(tmp_path / "cache"))
+    folder = _folder(tmp_path)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    out = tmp_path / "out"
+    code = main(["convert", str(folder), "--policy", str(policy), "--out", str(out), "--tokens", "16",
+                 "--runtime", "onnxruntime", "--deploy-shape", "3x20"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert code == 0, {m["spec"]: m["error"] for m in summary["models"]}
+    export = json.loads((out / "folder-tiny-bert" / "report.json").read_text())["export"]
+    assert export["deploy_shape"] == [3, 20] and export["passes"][0] == "tune[onnxruntime, 60 tokens]"
+    shapes = export["graph_pass_choice"]["shapes"]  # the optional passes timed compiled for 3 x 20
+    assert shapes and all(v == [3, 20] for v in shapes.values())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--deploy-shape", "8x128"], "--deploy-shape 8x128: give --runtime too"),
+    (["--runtime", "openvino", "--deploy-shape", "8x0"], "--deploy-shape '8x0': expected BATCHxSEQUENCE"),
+    (["--runtime", "openvino", "--deploy-shape", "8x128x2"], "expected BATCHxSEQUENCE or BATCH"),
+])
+def test_a_bad_deploy_shape_is_a_usage_error(tmp_path, capsys, argv, message):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    assert main(["convert", TINY_BERT, "--policy", str(policy), "--out", str(tmp_path / "out"), *argv]) == 2
+    assert message in capsys.readouterr().err
