@@ -115,7 +115,8 @@ def onnx_speedup(dense, structured, tokenizer, folder: str, batch: int = 8, leng
     return times["dense"] / times["structured"]
 
 
-def run(calibration: int, held_out: int, rows: list[str] | None, distill_s: float, fixed_s: float, lr: float) -> str:
+def run(calibration: int, held_out: int, rows: list[str] | None, distill_s: float, fixed_s: float, lr: float,
+        precision: str = "float32") -> str:
     from transformers import AutoTokenizer, BertModel
 
     folder = model_folder()
@@ -147,7 +148,7 @@ def run(calibration: int, held_out: int, rows: list[str] | None, distill_s: floa
         print(label, cells, flush=True)
         start = time.perf_counter()
         report = einfx.distill(fitted, model, train, held_out=val, time_budget_s=distill_s if budget else fixed_s,
-                               lr=lr, eval_every=100, progress=False)
+                               lr=lr, eval_every=100, progress=False, precision=precision)
         distill_min = (time.perf_counter() - start) / 60
         cells["+ distill"] = "%.3f / %.3f" % quality(fitted, test, ref, ref_nn)
         print(label, cells, report, flush=True)
@@ -165,7 +166,7 @@ def run(calibration: int, held_out: int, rows: list[str] | None, distill_s: floa
             "against the original's embeddings of the held-out sentences. Rows 'budget f': the linears' FLOPs at "
             "most f of dense; weight-only is the rank planner on weight-space errors (no data), + search the "
             f"search over θ with data. Distillation from the data-aware (or searched) model: at most {distill_s:.0f} s "
-            f"for the budget rows, {fixed_s:.0f} s for the others, batches of 16, lr {lr:g}. onnxruntime: the dense export against the structured export, batch 8 x 128 tokens, "
+            f"for the budget rows, {fixed_s:.0f} s for the others, batches of 16, lr {lr:g}, {precision}. onnxruntime: the dense export against the structured export, batch 8 x 128 tokens, "
             "2 threads, medians.\n\n" + "\n".join(table))
 
 
@@ -178,11 +179,14 @@ def main() -> None:
     parser.add_argument("--distill-seconds-fixed", type=float, default=120,
                         help="distillation time of the fixed-structure rows")
     parser.add_argument("--lr", type=float, default=3e-4, help="distillation base learning rate")
+    parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="distillation's forward passes (mixed precision)")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "pretrained.md"))
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
-    table = run(args.calibration, args.held_out, args.rows, args.distill_seconds, args.distill_seconds_fixed, args.lr)
+    table = run(args.calibration, args.held_out, args.rows, args.distill_seconds, args.distill_seconds_fixed, args.lr,
+                args.precision)
     text = (f"# all-MiniLM-L6-v2 converted: weight-only, data-aware, search, distillation\n\n{machine_description()}; "
             f"float32 CPU, torch {torch.__version__}\n\n{table}\n")
     print("\n" + table)

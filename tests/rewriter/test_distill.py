@@ -115,6 +115,25 @@ def test_stops_at_target_and_at_time_budget():
     assert report.stopped == "epochs" and report.steps == 22
 
 
+@pytest.mark.parametrize("precision, dtype", [("bfloat16", torch.bfloat16), ("float16", torch.float16)])
+def test_mixed_precision_runs_the_forward_passes_at_that_dtype_and_still_learns(tmp_path, precision, dtype):
+    teacher = _mlp()
+    student = _student(teacher)
+    seen = []
+    hook = teacher[0].register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+    report = einfx.distill(student, teacher, _data(), steps=40, lr=3e-3, progress=False, eval_every=20,
+                           precision=precision, checkpoint=tmp_path / "c.pt")
+    hook.remove()
+    assert dtype in seen and torch.float32 in seen  # training steps at the dtype, held-out fidelity in float32
+    assert report.precision == precision and report.to_dict()["precision"] == precision
+    assert report.after.rel_error < 0.9 * report.before.rel_error
+    assert all(p.dtype == torch.float32 for p in student.parameters())  # the weights stay float32
+    state = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert ("scaler" in state) == (precision == "float16")
+    with pytest.raises(DistillError, match="precision 'int8' is unknown; valid: float32, bfloat16, float16"):
+        einfx.distill(student, teacher, _data(), steps=1, progress=False, precision="int8")
+
+
 def test_refuses_students_that_cannot_match():
     teacher = _mlp()
     other = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 16))
