@@ -129,18 +129,22 @@ def test_convert_with_data_writes_the_fidelity_everywhere(tmp_path):
                  str(tmp_path / "nope.txt")]) == 2
 
 
-@pytest.mark.slow
-def test_convert_for_a_runtime_tunes_and_verifies_there(tmp_path, monkeypatch):
+def _convert_for(tmp_path, monkeypatch, *options) -> dict:
+    """Convert the local tiny BERT folder with ``options`` (a tuning cache of its own); report.json's export."""
     monkeypatch.setenv("EINFX_CACHE_DIR", str(tmp_path / "cache"))
-    folder = _folder(tmp_path)
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY)
     out = tmp_path / "out"
-    code = main(["convert", str(folder), "--policy", str(policy), "--out", str(out), "--tokens", "16",
-                 "--runtime", "openvino"])
+    code = main(["convert", str(_folder(tmp_path)), "--policy", str(policy), "--out", str(out), "--tokens", "16",
+                 *options])
     summary = json.loads((out / "summary.json").read_text())
     assert code == 0, {m["spec"]: m["error"] for m in summary["models"]}
-    export = json.loads((out / "folder-tiny-bert" / "report.json").read_text())["export"]
+    return json.loads((out / "folder-tiny-bert" / "report.json").read_text())["export"]
+
+
+@pytest.mark.slow
+def test_convert_for_a_runtime_tunes_and_verifies_there(tmp_path, monkeypatch):
+    export = _convert_for(tmp_path, monkeypatch, "--runtime", "openvino")
     assert export["runtime"] == "openvino" and export["passes"][0].startswith("tune[openvino")
     assert export["tuned"] and all(v.startswith("openvino: ") for v in export["tuned"].values())
     assert (tmp_path / "cache" / "tuning-openvino-cpu-v1.json").exists()
@@ -148,16 +152,7 @@ def test_convert_for_a_runtime_tunes_and_verifies_there(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_convert_for_a_deployment_shape_tunes_and_times_the_passes_there(tmp_path, monkeypatch):
-    monkeypatch.setenv("EINFX_CACHE_DIR", str(tmp_path / "cache"))
-    folder = _folder(tmp_path)
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(POLICY)
-    out = tmp_path / "out"
-    code = main(["convert", str(folder), "--policy", str(policy), "--out", str(out), "--tokens", "16",
-                 "--runtime", "onnxruntime", "--deploy-shape", "3x20"])
-    summary = json.loads((out / "summary.json").read_text())
-    assert code == 0, {m["spec"]: m["error"] for m in summary["models"]}
-    export = json.loads((out / "folder-tiny-bert" / "report.json").read_text())["export"]
+    export = _convert_for(tmp_path, monkeypatch, "--runtime", "onnxruntime", "--deploy-shape", "3x20")
     assert export["deploy_shape"] == [3, 20] and export["passes"][0] == "tune[onnxruntime, 60 tokens]"
     shapes = export["graph_pass_choice"]["shapes"]  # the optional passes timed compiled for 3 x 20
     assert shapes and all(v == [3, 20] for v in shapes.values())
