@@ -71,3 +71,22 @@ def test_search_under_a_budget_beats_the_rank_planner_on_minilm():
     cos_planned = float((embed(planned, test) * ref).sum(-1).mean())
     cos_searched = float((embed(searched, test) * ref).sum(-1).mean())
     assert cos_searched > cos_planned + 0.1, (cos_planned, cos_searched)
+
+
+@pytest.mark.slow
+def test_the_reference_rows_quantize_the_dense_export_and_price_random_errors(tmp_path):
+    from pretrained import batches, embed, neighbours, references
+    from _text import package_sentences
+
+    tokenizer, model = _minilm()
+    test = batches(tokenizer, package_sentences(48), size=16)
+    ref = embed(model, test)
+    rows = references(model, tokenizer, test, ref, neighbours(ref), str(tmp_path))
+    assert [r[0] for r in rows[:2]] == ["int8 dynamic quantization, weights per tensor (onnxruntime)",
+                                        "int8 dynamic quantization, weights per channel (onnxruntime)"]
+    cosines = [float(r[1]) for r in rows]
+    assert 0.9 < cosines[0] < cosines[1] < 1.0          # per channel keeps more than per tensor, neither all
+    assert cosines[2:] == [0.93, 0.95, 0.97, 0.98, 0.99]
+    agreement = [float(r[2]) for r in rows[2:]]
+    assert agreement[-1] > agreement[0] + 0.05         # a smaller error keeps more neighbours
+    assert all(r[3].endswith("x") for r in rows[:2]) and (tmp_path / "int8-channel.onnx").exists()
