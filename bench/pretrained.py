@@ -210,20 +210,20 @@ def run(calibration: int, held_out: int, rows: list[str] | None, distill_s: floa
     folder = model_folder()
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model = BertModel.from_pretrained(folder, local_files_only=True).eval()
-    pool = stdlib_sentences(100_000)
-    calib = batches(tokenizer, pool[:calibration])
-    train = batches(tokenizer, pool[:-128], size=16, bucket=True)  # distillation text (calibration included)
-    val = batches(tokenizer, pool[-128:])           # its held-out batches for early stop (still stdlib text)
     test = batches(tokenizer, package_sentences(held_out))
     ref = embed(model, test)
     ref_nn = neighbours(ref)
-    lines = []
     exports = tempfile.TemporaryDirectory()
     refs = reference_table(model, tokenizer, test, ref, ref_nn, exports.name)
     print(refs, flush=True)
     if references_only:
         exports.cleanup()
         return f"{len(ref)} held-out sentences (package descriptions).\n\n{refs}"
+    pool = stdlib_sentences(100_000)
+    calib = batches(tokenizer, pool[:calibration])
+    train = batches(tokenizer, pool[:-128], size=16, bucket=True)  # distillation text (calibration included)
+    val = batches(tokenizer, pool[-128:])           # its held-out batches for early stop (still stdlib text)
+    lines = []
     for label, what in ROWS.items():
         if rows and label not in rows:
             continue
