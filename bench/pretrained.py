@@ -69,15 +69,16 @@ def batches(tokenizer, sentences: list[str], size: int = 32, max_length: int = 1
                            return_tensors="pt")) for i in range(0, len(sentences), size)]
 
 
+def sentence_embedding(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Token states mean-pooled over the attention mask, L2-normalized (sentence-transformers' pooling)."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1), dim=-1)
+
+
 @torch.no_grad()
 def embed(model, data: list[dict]) -> torch.Tensor:
-    out = []
-    for batch in data:
-        hidden = model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
-        out.append(torch.nn.functional.normalize(pooled, dim=-1))
-    return torch.cat(out)
+    return torch.cat([sentence_embedding(model(**batch).last_hidden_state, batch["attention_mask"])
+                      for batch in data])
 
 
 def neighbours(emb: torch.Tensor) -> torch.Tensor:
@@ -125,24 +126,25 @@ def ort_ratio(dense: str, other: str, tokenizer, batch: int = 8, length: int = 1
     return times[dense] / times[other]
 
 
+def dense_export(model, tokenizer, folder: str) -> str:
+    """The dense model's export in ``folder``, made once and shared by the rows and the references."""
+    path = os.path.join(folder, "dense.onnx")
+    return path if os.path.exists(path) else export(model, tokenizer, path)
+
+
 def onnx_speedup(dense, structured, tokenizer, folder: str) -> float:
-    """The onnxruntime speedup of the structured model's export over the dense export (shared by the rows)."""
-    dense_path = os.path.join(folder, "dense.onnx")
-    if not os.path.exists(dense_path):
-        export(dense, tokenizer, dense_path)
-    return ort_ratio(dense_path, export(structured, tokenizer, os.path.join(folder, "structured.onnx")), tokenizer)
+    """The onnxruntime speedup of the structured model's export over the dense export."""
+    return ort_ratio(dense_export(dense, tokenizer, folder),
+                     export(structured, tokenizer, os.path.join(folder, "structured.onnx")), tokenizer)
 
 
 def ort_embed(path: str, data: list[dict]) -> torch.Tensor:
     """Sentence embeddings (mean-pooled over the attention mask, L2-normalized) of an exported encoder run in
     onnxruntime."""
     sess, names = _session(path)
-    out = []
-    for batch in data:
-        hidden = torch.from_numpy(sess.run(None, {k: v.numpy() for k, v in batch.items() if k in names})[0])
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1), dim=-1))
-    return torch.cat(out)
+    return torch.cat([sentence_embedding(torch.from_numpy(sess.run(None, {k: v.numpy() for k, v in batch.items()
+                                                                          if k in names})[0]),
+                                         batch["attention_mask"]) for batch in data])
 
 
 def references(model, tokenizer, test: list[dict], ref: torch.Tensor, ref_nn: torch.Tensor, folder: str
@@ -154,9 +156,7 @@ def references(model, tokenizer, test: list[dict], ref: torch.Tensor, ref_nn: to
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     rows = []
-    dense = os.path.join(folder, "dense.onnx")
-    if not os.path.exists(dense):
-        export(model, tokenizer, dense)
+    dense = dense_export(model, tokenizer, folder)
     for per_channel in (False, True):
         path = os.path.join(folder, f"int8-{'channel' if per_channel else 'tensor'}.onnx")
         logging.disable(logging.WARNING)  # the quantizer's advice to pre-process the model first
@@ -189,6 +189,11 @@ REFERENCES_NOTE = (
     "direction; the converted models' errors have cost more top-1 agreement than that at the same cosine).")
 
 
+def markdown_table(head, rows) -> str:
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                     + ["| " + " | ".join(r) + " |" for r in rows])
+
+
 def reference_table(model, tokenizer, test: list[dict], ref: torch.Tensor, ref_nn: torch.Tensor, folder: str
                     ) -> str:
     sim = ref @ ref.T
@@ -196,11 +201,9 @@ def reference_table(model, tokenizer, test: list[dict], ref: torch.Tensor, ref_n
     top2 = sim.topk(2, dim=-1).values
     gap = (top2[:, 0] - top2[:, 1]).quantile(torch.tensor([0.25, 0.5]))
     head = ("reference", "cosine", "top-1 neighbour agreement", "onnxruntime speedup (8x128)")
-    lines = references(model, tokenizer, test, ref, ref_nn, folder)
-    table = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in lines]
+    table = markdown_table(head, references(model, tokenizer, test, ref, ref_nn, folder))
     return (f"{REFERENCES_NOTE} Between the original's nearest and second-nearest neighbour of a held-out sentence "
-            f"the cosine differs by {gap[1]:.3f} at the median and {gap[0]:.3f} at the lower quartile.\n\n"
-            + "\n".join(table))
+            f"the cosine differs by {gap[1]:.3f} at the median and {gap[0]:.3f} at the lower quartile.\n\n{table}")
 
 
 def run(calibration: int, held_out: int, rows: list[str] | None, distill_s: float, fixed_s: float, lr: float,
@@ -252,7 +255,7 @@ def run(calibration: int, held_out: int, rows: list[str] | None, distill_s: floa
     exports.cleanup()
     head = ("row", "FLOPs of the linears vs dense", "weight-only", "data-aware", "+ search", "+ distill",
             "distill steps", "onnxruntime speedup (8x128)", "convert min", "distill min")
-    table = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in lines]
+    table = markdown_table(head, lines)
     return (f"{sum(len(b['input_ids']) for b in calib)} calibration sentences and "
             f"{sum(len(b['input_ids']) for b in train)} distillation sentences (stdlib docstrings), "
             f"{len(ref)} held-out sentences (package descriptions). Cells: mean cosine / top-1 neighbour agreement "
@@ -260,7 +263,7 @@ def run(calibration: int, held_out: int, rows: list[str] | None, distill_s: floa
             "most f of dense; weight-only is the rank planner on weight-space errors (no data), + search the "
             f"search over θ with data. Distillation from the data-aware (or searched) model: at most {distill_s:.0f} s "
             f"for the budget rows, {fixed_s:.0f} s for the others, batches of 16, lr {lr:g}, {precision}. onnxruntime: the dense export against the structured export, batch 8 x 128 tokens, "
-            "2 threads, medians.\n\n" + "\n".join(table) + f"\n\n{refs}")
+            f"2 threads, medians.\n\n{table}\n\n{refs}")
 
 
 def main() -> None:
