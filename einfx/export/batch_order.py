@@ -14,8 +14,12 @@ A region is grown from a MatMul of two activations along MatMuls, elementwise op
 only through rank-4 Transposes (into its MatMuls) and other operands of its elementwise ops (a mask, a scale),
 and left only through rank-4 Transposes. The exchange is applied where it lowers the cost of those Transposes
 (one that moves a single block of axes counted as one, a general perm as three, one that becomes the identity
-as none). Another operand of rank 4 is exchanged too: a mask (batch, 1, keys, keys) by Squeeze and Unsqueeze,
-for its exchanged axis is 1, anything else by a Transpose.
+as none). An entry that a Transpose before it (through Reshapes and a bias) would merge with, were the merged
+perm a single block (`einfx.export.relayouts.merged_transpose`), is priced with it: a key relaid as
+(heads, n, head dim) and split for attention's (batch, heads, head dim, keys) needs two Transposes, but with the
+heads first the two merge into a swap of the last two axes, which both runtimes read inside the scores MatMul.
+Another operand of rank 4 is exchanged too: a mask (batch, 1, keys, keys) by Squeeze and Unsqueeze, for its
+exchanged axis is 1, anything else by a Transpose.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from onnx import helper, numpy_helper
 
 from einfx.export.onnx_graph import (ELEMENTWISE, constant_values, copy_model, fresh, graph_index, is_transpose,
                                      perm_of, prune, rebuild, rename, transpose_input_shape, value_shapes)
-from einfx.export.relayouts import moves_one_axis
+from einfx.export.relayouts import merged_transpose, moves_one_axis
 
 __all__ = ["heads_first"]
 
@@ -54,6 +58,11 @@ def heads_first(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     shapes = value_shapes(graph)
     producer, readers, outputs, taken = graph_index(graph)
     nodes = list(graph.node)  # held, so that each node keeps its id
+    leads = {}  # an entry -> (the Transpose before it, their merged perm and its dims) where they would merge
+    for node in nodes:
+        found = merged_transpose(node, values, shapes, producer, readers, outputs)
+        if found is not None:
+            leads[id(found[0])] = (node, found[1], found[2])
     seen, regions = set(), []
     for node in nodes:
         if id(node) in seen or not _activation_matmul(node, values, shapes):
@@ -62,9 +71,9 @@ def heads_first(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         if region is None:
             continue
         seen.update(id(n) for n in region.nodes)
-        before = sum(_cost(t, perm_of(t), shapes) for t in region.entries + region.exits)
-        after = sum(_cost(t, _entry_perm(t), shapes) for t in region.entries) \
-            + sum(_cost(t, _exit_perm(t), shapes) for t in region.exits) \
+        costs = [_entry_costs(t, shapes, leads) for t in region.entries]
+        before = sum(c[0] for c in costs) + sum(_cost(t, perm_of(t), shapes) for t in region.exits)
+        after = sum(c[1] for c in costs) + sum(_cost(t, _exit_perm(t), shapes) for t in region.exits) \
             + sum(not _squeezable(shapes[n.input[i]]) for n, i in region.others)
         if after < before:
             regions.append(region)
@@ -169,9 +178,26 @@ def _exit_perm(t) -> list[int]:
 
 
 def _cost(t, perm, shapes) -> int:
+    return _perm_cost(perm, transpose_input_shape(t, shapes))
+
+
+def _perm_cost(perm, dims) -> int:
     if perm == sorted(perm):
         return 0
-    return 1 if moves_one_axis(perm, transpose_input_shape(t, shapes)) else _GENERAL
+    return 1 if moves_one_axis(perm, dims) else _GENERAL
+
+
+def _entry_costs(t, shapes, leads) -> tuple[int, int]:
+    """The cost of entry ``t`` (with the Transpose before it that a merge would fold into it, if any) as the
+    graph is and with the batch axes exchanged: the merge is made afterwards only where the merged Transpose
+    moves one block of axes (`einfx.export.relayouts.merge_relayouts`)."""
+    before, after = _cost(t, perm_of(t), shapes), _cost(t, _entry_perm(t), shapes)
+    if id(t) not in leads:
+        return before, after
+    first, perm, dims = leads[id(t)]
+    own = _cost(first, perm_of(first), shapes)
+    merged = _perm_cost([perm[a] for a in _SWAP], dims)
+    return own + before, min(own + after, merged if merged <= 1 else own + after)
 
 
 def _repermute(t, perm, mapping, outputs) -> int:

@@ -9,6 +9,10 @@
     fuse_siblings     MatMuls that read the same activation against constant right operands of the same batch
                       and contraction sizes become one MatMul against the operands concatenated on the last
                       axis, then a Split: q/k/v (or LLaMA's gate/up) run one GEMM instead of three
+    share_relayouts   the fused siblings' identical relayouts after their Split made once before it, with the
+                      first cores' rows reordered to match, and their next GEMMs stacked into one
+                      (`einfx.export.shared_relayouts`): BTT q, k and v regroup for their second cores with one
+                      Transpose and one GEMM instead of three each
     sink_transposes   a layer's output Transpose moved across the reshapes and elementwise ops that lead to
                       the next layer (fc1 -> bias -> GELU -> fc2): the ops run in the layer's own layout
                       (constants rearranged to match) and the Transpose meets the next layer's input one
@@ -24,8 +28,8 @@
                       between its cores; merge_relayouts runs again after these two
     transpose_pairs   Transpose followed by Transpose becomes one Transpose, or nothing when they cancel
     orient_gemms      each chain of constant-core batched GEMMs computed the way round (y = C·X or yᵀ = Xᵀ·Cᵀ)
-                      that needs the fewest Transposes (`einfx.export.orientation`): the swap between a BTT
-                      MLP's fc1 and fc2 disappears
+                      whose Transposes cost least, priced by the entries they move and whether the last axis
+                      moves (`einfx.export.orientation`): the swap between a BTT MLP's fc1 and fc2 disappears
     plain_norm_sums   an Add of two activations that a LayerNormalization reads (a residual sum) becomes a
                       Sum of the same two: the same values, but a pattern onnxruntime's SkipLayerNormalization
                       fusion does not match; that fused kernel ran 3.4x slower than Add + LayerNormalization at
@@ -55,10 +59,12 @@ from einfx.export.biases import attention_biases
 from einfx.export.early_splits import split_before_gemms
 from einfx.export.orientation import orient_gemms
 from einfx.export.relayouts import merge_relayouts
+from einfx.export.shared_relayouts import share_relayouts
 from einfx.export.onnx_graph import (ELEMENTWISE, constant_values, copy_model, fresh, graph_index, last_dim,
                                       perm_of, prune, relay_region, rename, reshape_target)
 
-__all__ = ["optimize_graph", "PASSES", "LABELS", "dedupe", "attention_biases", "fuse_siblings", "prune",
+__all__ = ["optimize_graph", "PASSES", "LABELS", "dedupe", "attention_biases", "fuse_siblings", "share_relayouts",
+           "prune",
            "sink_transposes", "merge_relayouts", "heads_first", "split_before_gemms", "orient_gemms", "transpose_pairs",
            "plain_norm_sums", "constant_values"]
 
@@ -320,20 +326,21 @@ def plain_norm_sums(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 # merge_relayouts runs again once heads_first and split_before_gemms have moved Transposes, its counts summed
 _STEPS = [("dedupe", dedupe, "deduplicated"), ("attention_biases", attention_biases, "attention biases folded"),
           ("fuse_siblings", fuse_siblings, "sibling matmuls fused"),
+          ("share_relayouts", share_relayouts, "sibling relayouts shared"),
           ("sink_transposes", sink_transposes, "transposes sunk"),
           ("merge_relayouts", merge_relayouts, "relayouts merged"),
           ("heads_first", heads_first, "attention transposes removed by heads first"),
           ("split_before_gemms", split_before_gemms, "token splits moved before a GEMM"),
           ("merge_relayouts", merge_relayouts, "relayouts merged"),
           ("transpose_pairs", transpose_pairs, "transpose pairs"),
-          ("orient_gemms", orient_gemms, "transposes removed by GEMM orientation"),
+          ("orient_gemms", orient_gemms, "GEMMs flipped by orientation"),
           ("plain_norm_sums", plain_norm_sums, "norm sums kept plain"), ("prune", prune, "pruned")]
 PASSES = tuple(dict.fromkeys(name for name, _, _ in _STEPS))
 LABELS = {name: label for name, _, label in _STEPS}  # pass -> the name of its count in the report
 
 
 def optimize_graph(model: onnx.ModelProto, skip: Collection[str] = ()) -> tuple[onnx.ModelProto, dict[str, int]]:
-    """dedupe, attention_biases, fuse_siblings, sink_transposes, merge_relayouts, heads_first,
+    """dedupe, attention_biases, fuse_siblings, share_relayouts, sink_transposes, merge_relayouts, heads_first,
     split_before_gemms, merge_relayouts again, transpose_pairs, orient_gemms, plain_norm_sums and prune, in that
     order, but those named in ``skip``; returns the model and the counts (0 for a skipped pass).
 

@@ -1,15 +1,18 @@
 """Measured whole-graph passes: an optional pass stays only where it makes the graph faster in its runtime.
 
-Every pass of `einfx.export.graph_passes` is exact, but four of them trade one kernel for another, and
+Every pass of `einfx.export.graph_passes` is exact, but five of them trade one kernel for another, and
 whether that pays depends on the runtime: fusing q, k and v into one MatMul gives a wider GEMM and a Split,
-which onnxruntime ran 0.89-0.99x as fast at d = 384 (bench/results/graph_passes.md); a sunk transpose
-changes which MatMul operand is transposed; a residual sum kept out of onnxruntime's SkipLayerNormalization
-fusion pays only where that fused kernel is the slower one; a GEMM computed the other way round puts its
-constant core on the other side (OpenVINO ran MiniLM btt(1) 53.6 ms without the orientation pass and 57.4 ms
-with it, for one set of tuned plans, where onnxruntime gains). So for a given runtime the graph is built with
-every pass and with each non-empty subset of the optional passes that did something left out (at most
-sixteen graphs), each is compiled and timed side by side at the deployment shape (interleaved rounds, medians), and
-the fastest is kept; leaving passes out must win by `KEEP_MARGIN`, so timing noise keeps the full set.
+which onnxruntime ran 0.89-0.99x as fast at d = 384 (bench/results/graph_passes.md); sharing the fused
+siblings' relayout makes one large Transpose of three, which OpenVINO ran slower at MiniLM btt(4) (it
+copies the key's slice the slow way too), where onnxruntime reads it inside the stacked GEMM; a sunk
+transpose changes which MatMul operand is transposed; a residual sum kept out of onnxruntime's
+SkipLayerNormalization fusion pays only where that fused kernel is the slower one; a GEMM computed the other
+way round puts its constant core on the other side (OpenVINO ran MiniLM btt(1) 53.6 ms without the
+orientation pass and 57.4 ms with it, for one set of tuned plans, where onnxruntime gains). So for a given
+runtime the graph is built with every pass and with each non-empty subset of the optional passes that did
+something left out (at most twenty-four graphs: sharing relayouts needs sibling fusion, so it is never kept
+without it), each is compiled and timed side by side at the deployment shape (interleaved rounds, medians),
+and the fastest is kept; leaving passes out must win by `KEEP_MARGIN`, so timing noise keeps the full set.
 
     graph, choice = choose_passes(model, "openvino", feeds)
     choice.skipped      # ("fuse_siblings",)
@@ -32,7 +35,9 @@ from einfx.export.tune import median_times
 __all__ = ["PassChoice", "choose_passes", "OPTIONAL", "KEEP_MARGIN", "label"]
 
 # passes whose benefit depends on the runtime; the others (dedupe, transpose pairs, prune) only remove work
-OPTIONAL = ("fuse_siblings", "sink_transposes", "plain_norm_sums", "orient_gemms")
+OPTIONAL = ("fuse_siblings", "share_relayouts", "sink_transposes", "plain_norm_sums", "orient_gemms")
+# a pass that only rewrites what another makes: left out with it, so no two timed graphs are the same
+_NEEDS = {"share_relayouts": "fuse_siblings"}
 # a graph with passes left out replaces the full one only when it is this much faster
 KEEP_MARGIN = 1.02
 
@@ -86,6 +91,8 @@ def choose_passes(model: onnx.ModelProto, runtime: str, feeds: Mapping[str, np.n
     graphs = {(): (full, counts)}
     for k in range(1, len(active) + 1):
         for skipped in itertools.combinations(active, k):
+            if any(_NEEDS.get(name) in skipped for name in active if name not in skipped):
+                continue  # the same graph as with the dependent pass left out too
             graphs[skipped] = optimize_graph(model, skip=skipped)
     names = {i.name for i in model.graph.input}
     inputs = {k: v for k, v in feeds.items() if k in names}

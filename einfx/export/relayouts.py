@@ -38,7 +38,7 @@ from einfx.export.gemm_flip import core_side, read_swapped, set_perm, swap_info,
 from einfx.export.onnx_graph import (Dim, constant_values, copy_model, elementwise_region, fresh, graph_index,
                                      perm_of, prune, relay_region, runs, value_shapes)
 
-__all__ = ["merge_relayouts", "moves_one_axis"]
+__all__ = ["merge_relayouts", "merged_transpose", "moves_one_axis"]
 
 
 @dataclass
@@ -113,7 +113,21 @@ def merge_relayouts(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     return prune(model)[0], count
 
 
-def _plan(first, values, shapes, producer, readers, outputs) -> _Merge | None:
+def merged_transpose(first, values, shapes, producer, readers, outputs
+                     ) -> tuple[onnx.NodeProto, list[int], list[Dim]] | None:
+    """What `merge_relayouts` would make of the Transpose ``first`` and the Transpose its way (Reshapes, an
+    elementwise region) ends at, as one Reshape and then one Transpose, even where that Transpose would move
+    more than one block of axes and the merge is therefore not made: (the far Transpose, the merged perm, the
+    dims it permutes), or None. `einfx.export.batch_order.heads_first` prices with it a merge that exchanging
+    attention's batch axes makes possible."""
+    plan = _plan(first, values, shapes, producer, readers, outputs, any_perm=True)
+    if plan is None or not plan.reshape_first:
+        return None
+    e_shape = shapes[plan.last.input[0]]
+    return plan.last, plan.perm, [e_shape[j] for j in plan.order]
+
+
+def _plan(first, values, shapes, producer, readers, outputs, any_perm: bool = False) -> _Merge | None:
     if first.op_type != "Transpose" or first.domain not in ("", "ai.onnx") or perm_of(first) is None:
         return None
     x, p = first.input[0], perm_of(first)
@@ -145,7 +159,7 @@ def _plan(first, values, shapes, producer, readers, outputs) -> _Merge | None:
         in_x = sorted(pairs, key=lambda r: p[r[0][0]])
         order = [j for _, (j0, j1) in in_x for j in range(j0, j1)]
         perm = [order.index(j) for j in q]
-        if not moves_one_axis(perm, [e_shape[j] for j in order]):
+        if not any_perm and not moves_one_axis(perm, [e_shape[j] for j in order]):
             return None
         return _Merge(first, reshapes, region, entry, exit_, last, target, axis, order, perm, True)
     # one Transpose gathering each run of x, then Reshape: each run of e lands on consecutive output axes, in order
@@ -157,7 +171,7 @@ def _plan(first, values, shapes, producer, readers, outputs) -> _Merge | None:
             return None
         out[where[0]] = run
     perm = [p[i] for m in sorted(out) for i in range(*out[m][0])]
-    if not moves_one_axis(perm, list(shapes[x])):
+    if not any_perm and not moves_one_axis(perm, list(shapes[x])):
         return None
     return _Merge(first, reshapes, region, entry, exit_, last, target, axis, list(q), perm, False)
 

@@ -8,6 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from einfx.export.batch_order import heads_first
+from einfx.export.relayouts import merge_relayouts
 
 H, D = 4, 8
 
@@ -86,3 +87,31 @@ def test_a_region_value_read_outside_it_keeps_the_region_as_it_was():
                        [H, "b", "t", D], probs_out=True)
     out, removed = heads_first(model)
     assert removed == 0 and out is model
+
+
+def test_a_key_relaid_before_its_split_is_priced_with_the_merge_the_exchange_makes_possible():
+    """k leaves its last GEMM as (heads, n, head dim) and reaches attention through (1, 0, 2), a Reshape to
+    (b, t, heads, head dim) and (0, 2, 3, 1): two Transposes that cannot merge (the merged perm would be
+    (1, 0, 3, 2)). With the heads first they merge into a swap of the last two axes, so the exchange is made
+    and q's and v's splits go."""
+    b, t = 2, 5
+    nodes = [helper.make_node("Transpose", ["kx"], ["kt"], perm=[1, 0, 2]),
+             helper.make_node("Reshape", ["kt", "k_shape"], ["kr"]),
+             helper.make_node("Transpose", ["qi"], ["q"], perm=[1, 0, 2, 3]),
+             helper.make_node("Transpose", ["kr"], ["k"], perm=[0, 2, 3, 1]),
+             helper.make_node("Transpose", ["vi"], ["v"], perm=[1, 0, 2, 3]),
+             helper.make_node("MatMul", ["q", "k"], ["s"]),
+             helper.make_node("Add", ["s", "mask"], ["masked"]),
+             helper.make_node("Softmax", ["masked"], ["p"], axis=-1),
+             helper.make_node("MatMul", ["p", "v"], ["c"]),
+             helper.make_node("Transpose", ["c"], ["y"], perm=[0, 2, 1, 3])]
+    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in
+              [("qi", [H, b, t, D]), ("kx", [H, b * t, D]), ("vi", [H, b, t, D]), ("mask", [b, 1, t, t])]]
+    graph = helper.make_graph(nodes, "attention", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=[numpy_helper.from_array(np.array([b, t, H, D], np.int64), "k_shape")])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    out, removed = heads_first(model)
+    assert removed == 2  # q's and v's splits
+    merged, count = merge_relayouts(out)
+    assert count == 1 and sorted(_transposes(merged)) == [[0, 1, 3, 2], [1, 2, 0, 3]]
+    _same(model, merged)

@@ -1,4 +1,5 @@
-"""orient_gemms is exact, never adds a Transpose, and removes the swap between a BTT MLP's fc1 and fc2."""
+"""orient_gemms is exact, never makes the Transposes dearer, and removes the swap between a BTT MLP's fc1 and
+fc2."""
 
 from __future__ import annotations
 
@@ -13,8 +14,7 @@ from torch import nn
 import einfx
 from einfx import Policy, Structure
 from einfx.export.graph_passes import constant_values, optimize_graph
-from einfx.export.orientation import orient_gemms
-from einfx.export.relayouts import moves_one_axis
+from einfx.export.orientation import orient_gemms, transpose_cost
 from einfx.export.runtimes import RUNTIMES, available, load
 
 INSTALLED = [r for r in RUNTIMES if available(r)]
@@ -30,17 +30,17 @@ def _activation_transposes(model) -> int:
     return sum(n.op_type == "Transpose" and n.input[0] not in values for n in model.graph.node)
 
 
-def _cost(model) -> int:
-    """Transposes counted as orient_gemms counts them: one per single-block move, three per general perm."""
+def _cost(model) -> float:
+    """The Transposes priced as orient_gemms prices them (`transpose_cost`: entries, a general perm and a moved
+    last axis dearer), the symbolic axis counted as 1."""
+    inferred = onnx.shape_inference.infer_shapes(model).graph
     shapes = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
-              for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
-    shapes.update({v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
-                   for v in model.graph.input})
-    total = 0
+              for v in list(inferred.value_info) + list(model.graph.input)}
+    total = 0.0
     for node in model.graph.node:
         if node.op_type == "Transpose":
             dims = [(d, ()) if isinstance(d, int) else (1, (d,)) for d in shapes[node.input[0]]]
-            total += 1 if moves_one_axis(list(node.attribute[0].ints), dims) else 3
+            total += transpose_cost(list(node.attribute[0].ints), dims)
     return total
 
 
@@ -89,9 +89,10 @@ def _chain(seed: int, gemms: int) -> onnx.ModelProto:
 @pytest.mark.parametrize("seed", range(40))
 def test_a_random_chain_runs_exactly_as_before_with_no_more_transposes(seed):
     model = _chain(seed, gemms=1 + seed % 4)
-    out, removed = orient_gemms(model)
+    out, flipped = orient_gemms(model)
     onnx.checker.check_model(out, full_check=True)
-    assert len(_transposes(out)) == len(_transposes(model)) - removed
+    assert (flipped == 0) == (out is model)
+    assert flipped <= sum(n.op_type == "MatMul" for n in model.graph.node)
     assert _cost(out) <= _cost(model)
     x = np.random.default_rng(seed).standard_normal((4, 6, 5)).astype(np.float32)
     want = ReferenceEvaluator(model).run(None, {"x": x})[0]
@@ -112,8 +113,8 @@ def test_a_swap_between_two_gemms_disappears_and_the_next_transpose_moves_one_bl
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                               initializer=[numpy_helper.from_array(c1, "c1"), numpy_helper.from_array(c2, "c2")])
     model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
-    out, removed = orient_gemms(model)
-    assert removed == 1 and _transposes(out) == [[1, 0, 2]]
+    out, flipped = orient_gemms(model)
+    assert flipped == 1 and _transposes(out) == [[1, 0, 2]]
     x = rng.standard_normal((4, 6, 3)).astype(np.float32)
     np.testing.assert_allclose(ReferenceEvaluator(out).run(None, {"x": x})[0],
                                ReferenceEvaluator(model).run(None, {"x": x})[0], rtol=1e-5, atol=1e-5)
@@ -134,9 +135,9 @@ def test_a_flip_that_needs_a_new_transpose_after_a_region_keeps_the_graph_valid(
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                               initializer=[numpy_helper.from_array(core, "core"), numpy_helper.from_array(bias, "bias")])
     model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
-    out, removed = orient_gemms(model)
+    out, flipped = orient_gemms(model)
     onnx.checker.check_model(out, full_check=True)
-    assert removed == -1 and sorted(_transposes(out)) == [[0, 2, 1], [2, 0, 1]] and _cost(out) < _cost(model)
+    assert flipped == 1 and sorted(_transposes(out)) == [[0, 2, 1], [2, 0, 1]] and _cost(out) < _cost(model)
     x = rng.standard_normal((5, 6, 4)).astype(np.float32)
     np.testing.assert_allclose(ReferenceEvaluator(out).run(None, {"x": x})[0],
                                ReferenceEvaluator(model).run(None, {"x": x})[0], rtol=1e-5, atol=1e-5)
@@ -144,8 +145,8 @@ def test_a_flip_that_needs_a_new_transpose_after_a_region_keeps_the_graph_valid(
 
 def test_a_chain_that_flipping_cannot_improve_is_returned_as_it_was():
     model = _chain(0, gemms=0)
-    out, removed = orient_gemms(model)
-    assert removed == 0 and out is model
+    out, flipped = orient_gemms(model)
+    assert flipped == 0 and out is model
 
 
 @pytest.mark.parametrize("runtime", INSTALLED)
@@ -160,7 +161,7 @@ def test_a_btt_mlp_loses_the_transpose_between_fc1_and_fc2_and_runs_like_torch(r
     without, _ = optimize_graph(exported, skip=("orient_gemms",))
     full, counts = optimize_graph(exported)
     onnx.checker.check_model(full, full_check=True)
-    assert counts["transposes removed by GEMM orientation"] == 1
+    assert counts["GEMMs flipped by orientation"] >= 1
     assert _activation_transposes(full) == _activation_transposes(without) - 1
     x = torch.randn(13, 384)
     with torch.no_grad():
