@@ -30,8 +30,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from einfx.export.onnx_graph import (ELEMENTWISE, constant_values, copy_model, fresh, graph_index, is_transpose,
-                                     perm_of, prune, rebuild, rename, transpose_input_shape, value_shapes)
+from einfx.export.onnx_graph import (ELEMENTWISE, fresh, is_transpose, perm_of, prune, rebuild, rename,
+                                     transpose_input_shape, working_copy)
 from einfx.export.relayouts import merged_transpose, moves_one_axis
 
 __all__ = ["heads_first"]
@@ -52,12 +52,8 @@ class _Region:
 def heads_first(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """Attention regions run with their batch axes exchanged where that costs fewer Transposes (see the
     module's docstring); returns the new model and how many Transposes that removed."""
-    out = copy_model(model)
+    out, values, shapes, producer, readers, outputs, taken, nodes = working_copy(model)
     graph = out.graph
-    values = constant_values(graph)
-    shapes = value_shapes(graph)
-    producer, readers, outputs, taken = graph_index(graph)
-    nodes = list(graph.node)  # held, so that each node keeps its id
     leads = {}  # an entry -> (the Transpose before it, their merged perm and its dims) where they would merge
     for node in nodes:
         found = merged_transpose(node, values, shapes, producer, readers, outputs)

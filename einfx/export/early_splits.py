@@ -21,8 +21,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from einfx.export.gemm_flip import core_side
-from einfx.export.onnx_graph import (constant_values, copy_model, dim_product, fresh, graph_index, perm_of, prune,
-                                     rebuild, transpose_input_shape, value_shapes)
+from einfx.export.onnx_graph import (dim_product, fresh, perm_of, prune, rebuild, transpose_input_shape,
+                                     working_copy)
 from einfx.export.relayouts import moves_one_axis
 
 __all__ = ["split_before_gemms"]
@@ -31,12 +31,8 @@ __all__ = ["split_before_gemms"]
 def split_before_gemms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """The token split and batch-axis Transpose after a batched GEMM moved before it (see the module's
     docstring); returns the new model and how many GEMMs changed. Exact: the same products."""
-    out = copy_model(model)
+    out, values, shapes, producer, readers, outputs, taken, nodes = working_copy(model)
     graph = out.graph
-    values = constant_values(graph)
-    shapes = value_shapes(graph)
-    producer, readers, outputs, taken = graph_index(graph)
-    nodes = list(graph.node)  # held, so that each node keeps its id
     replace, count = {}, 0
     for gemm in nodes:
         found = _match(gemm, values, shapes, producer, readers, outputs)

@@ -12,7 +12,7 @@ from onnx import helper, numpy_helper
 
 __all__ = ["perm_of", "constant_values", "rename", "reshape_target", "last_dim", "prune", "fresh", "copy_model",
            "ELEMENTWISE", "Dim", "value_shapes", "dim_product", "divides", "graph_index", "relay_region", "runs",
-           "elementwise_region", "transpose_input_shape", "rebuild", "is_transpose"]
+           "elementwise_region", "transpose_input_shape", "rebuild", "is_transpose", "working_copy"]
 
 # A dimension as a monomial: an integer factor times named symbols (the exporter's dim_params, such as
 # "sequence*batch"), symbols sorted. Two dims are known equal when their monomials are; a dim_param that is
@@ -295,3 +295,12 @@ def rebuild(graph: onnx.GraphProto, nodes: list, after: dict | None = None, repl
         order += replace.get(id(node), [node]) + after.get(id(node), [])
     del graph.node[:]
     graph.node.extend(order)
+
+
+def working_copy(model: onnx.ModelProto) -> tuple:
+    """What a rewrite that keeps node identities starts from: (a copy of ``model``, its constant values, its
+    declared shapes, producer, readers, output names and taken names (`graph_index`), and the copy's nodes as
+    a list held by the caller, so that each node keeps its id)."""
+    out = copy_model(model)
+    graph = out.graph
+    return (out, constant_values(graph), value_shapes(graph), *graph_index(graph), list(graph.node))

@@ -34,8 +34,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from einfx.export.onnx_graph import (constant_values, copy_model, fresh, graph_index, is_transpose, perm_of, prune,
-                                     rebuild, value_shapes)
+from einfx.export.onnx_graph import (fresh, is_transpose, perm_of, prune, rebuild, working_copy)
 
 __all__ = ["share_relayouts"]
 
@@ -55,12 +54,8 @@ class _Group:
 def share_relayouts(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """One Reshape and Transpose before each sibling Split instead of one per slice (see the module's
     docstring); returns the new model and how many Transposes it removed."""
-    out = copy_model(model)
+    out, values, shapes, producer, readers, outputs, taken, nodes = working_copy(model)
     graph = out.graph
-    values = constant_values(graph)
-    shapes = value_shapes(graph)
-    producer, readers, outputs, taken = graph_index(graph)
-    nodes = list(graph.node)  # held, so that each node keeps its id
     replace, removed = {}, 0
     for split in nodes:
         group = _group(split, values, shapes, producer, readers, outputs)
