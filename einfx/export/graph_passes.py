@@ -35,6 +35,9 @@
                       fusion does not match; that fused kernel ran 3.4x slower than Add + LayerNormalization at
                       8 x 128 x 384 on the project's host (Xeon with AVX-512, onnxruntime 1.32, 2 threads),
                       so whether to keep it is timed (`einfx.export.pass_choice`)
+    store_layouts     each weight stored in the layout its reader takes: a chain of Reshapes and Transposes of
+                      an initializer becomes the initializer it computes, and identity Transposes go
+                      (`einfx.export.stored_layouts`): every GEMM reads a constant, pre-transposed weight
     prune             drop nodes and initializers nothing reads
 
 Constant right operands are evaluated with numpy through the weight-side ops the exporter emits (Reshape,
@@ -60,13 +63,14 @@ from einfx.export.early_splits import split_before_gemms
 from einfx.export.orientation import orient_gemms
 from einfx.export.relayouts import merge_relayouts
 from einfx.export.shared_relayouts import share_relayouts
+from einfx.export.stored_layouts import store_layouts
 from einfx.export.onnx_graph import (ELEMENTWISE, constant_values, copy_model, fresh, graph_index, last_dim,
                                       perm_of, prune, relay_region, rename, reshape_target)
 
 __all__ = ["optimize_graph", "PASSES", "LABELS", "dedupe", "attention_biases", "fuse_siblings", "share_relayouts",
            "prune",
            "sink_transposes", "merge_relayouts", "heads_first", "split_before_gemms", "orient_gemms", "transpose_pairs",
-           "plain_norm_sums", "constant_values"]
+           "plain_norm_sums", "store_layouts", "constant_values"]
 
 # a constant input this small is compared by value in dedupe (shapes, axes, perms), larger ones by name
 _SMALL = 64
@@ -334,15 +338,16 @@ _STEPS = [("dedupe", dedupe, "deduplicated"), ("attention_biases", attention_bia
           ("merge_relayouts", merge_relayouts, "relayouts merged"),
           ("transpose_pairs", transpose_pairs, "transpose pairs"),
           ("orient_gemms", orient_gemms, "GEMMs flipped by orientation"),
-          ("plain_norm_sums", plain_norm_sums, "norm sums kept plain"), ("prune", prune, "pruned")]
+          ("plain_norm_sums", plain_norm_sums, "norm sums kept plain"),
+          ("store_layouts", store_layouts, "weight relayouts stored"), ("prune", prune, "pruned")]
 PASSES = tuple(dict.fromkeys(name for name, _, _ in _STEPS))
 LABELS = {name: label for name, _, label in _STEPS}  # pass -> the name of its count in the report
 
 
 def optimize_graph(model: onnx.ModelProto, skip: Collection[str] = ()) -> tuple[onnx.ModelProto, dict[str, int]]:
     """dedupe, attention_biases, fuse_siblings, share_relayouts, sink_transposes, merge_relayouts, heads_first,
-    split_before_gemms, merge_relayouts again, transpose_pairs, orient_gemms, plain_norm_sums and prune, in that
-    order, but those named in ``skip``; returns the model and the counts (0 for a skipped pass).
+    split_before_gemms, merge_relayouts again, transpose_pairs, orient_gemms, plain_norm_sums, store_layouts and
+    prune, in that order, but those named in ``skip``; returns the model and the counts (0 for a skipped pass).
 
     Raises:
         ExportError: a name in ``skip`` is not one of `PASSES`.

@@ -24,7 +24,7 @@ from einfx.planning.plan import Plan, Step
 from einfx.planning.profile import DeviceProfile, default_profile
 from einfx.structures.sizes import Sizes
 
-__all__ = ["plan_layer", "plan_for", "all_plans", "dense_cost", "ORDERS_ALL", "dtype_name"]
+__all__ = ["plan_layer", "plan_for", "all_plans", "dense_cost", "ORDERS_ALL", "dtype_name", "PLAN_TIE", "activation_permutes"]
 
 ORDERS_ALL = ("xab", "xba", "fold")
 _ITEMSIZE = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
@@ -328,22 +328,49 @@ def plan_layer(sizes: Sizes, tokens: int, dtype: str = "float32", profile: Devic
               f=sizes.phi, r=sizes.rho)
     naive_order = sizes.best_token_order()
     naive, _ = next(_token_plans(sizes, naive_order, sz, itemsize, dtype, profile, naive=True))
-    best = None
-    count = 0
+    scored = []
     for order in orders:
         if order == "fold":
             cands = [(_fold_plan(sizes, sz, itemsize, dtype, profile), "fold A·B to W, then x·Wᵀ")]
         else:
             cands = _token_plans(sizes, order, sz, itemsize, dtype, profile, naive=False)
         for b, text in cands:
-            count += 1
             # ties: fewer FLOPs, then fewer copies, then enumeration order (deterministic)
-            key = (b.cost.time, b.cost.flops, b.copies)
-            if best is None or key < best[0]:
-                best = (key, b, order, text)
-    _, b, order, text = best
-    plan = _make(b, order, text, naive, dense, tokens, dtype, profile, count)
+            scored.append(((b.cost.time, b.cost.flops, b.copies, len(scored)), b, order, text))
+    fastest = min(key[0] for key, *_ in scored)
+    _, b, order, text = min(scored, key=lambda c: _choice_key(c[0], c[1], fastest, profile))
+    plan = _make(b, order, text, naive, dense, tokens, dtype, profile, len(scored))
     return _blocked(plan, sizes, tokens, dtype, profile, orders) or plan
+
+
+# Graph backends: plans predicted within this fraction of the best time are ties, below the cost model's
+# resolution, and the one with the fewest activation permutes is taken. Each such permute is a Transpose node
+# of the exported graph, which the model prices as a free operand flag of the GEMM that reads it; runtimes
+# that cannot fuse it there (OpenVINO, unless it swaps the last two axes) run it as a copy.
+PLAN_TIE = 0.03
+
+
+def activation_permutes(steps) -> int:
+    """Permute steps of a plan that move the activation (x or a value computed from it), identities aside."""
+    live = {"x"}
+    count = 0
+    for step in steps:
+        if any(i in live for i in step.inputs):
+            live.add(step.out)
+            if step.op == "permute" and tuple(step.args) != tuple(range(len(step.args))):
+                count += 1
+    return count
+
+
+def _choice_key(key: tuple, b: _Builder, fastest: float, profile: DeviceProfile) -> tuple:
+    """Order of the candidates: by ``key`` (time, FLOPs, copies, enumeration) on eager backends; on graph
+    backends, the candidates within `PLAN_TIE` of the ``fastest`` time first, fewest activation permutes among
+    them."""
+    if profile.strided_gemm:
+        return key
+    if key[0] <= fastest * (1 + PLAN_TIE):
+        return (0, activation_permutes(b.steps)) + key
+    return (1, 0) + key
 
 
 # Token blocks tried for eager CPU execution: powers of two from MIN_TOKEN_BLOCK up to half the tokens.
