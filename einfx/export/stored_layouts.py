@@ -47,6 +47,8 @@ def store_layouts(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 
     stored: dict[str, list[str]] = {}  # initializer -> the chain results to store from it
     for name in computed:
+        if name in outputs:  # a graph output stays the output of a node
+            continue
         if read_outside(name) and (source := root(name)) is not None:
             stored.setdefault(source, []).append(name)
     before = len(graph.node)

@@ -83,6 +83,13 @@ def test_a_weight_with_other_readers_is_left_alone(extra):
     assert removed == 0 and out is model
 
 
+def test_a_chain_that_makes_a_graph_output_is_left_alone():
+    model = _model()
+    model.graph.output.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, [1, 6, 4]))
+    out, removed = store_layouts(model)
+    assert removed == 0 and out is model
+
+
 def test_identity_transposes_are_dropped_unless_they_make_a_graph_output():
     model = _model(identity=True)
     model.graph.node.append(helper.make_node("Transpose", ["y"], ["y2"], perm=[0, 1, 2]))
