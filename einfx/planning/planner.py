@@ -24,7 +24,8 @@ from einfx.planning.plan import Plan, Step
 from einfx.planning.profile import DeviceProfile, default_profile
 from einfx.structures.sizes import Sizes
 
-__all__ = ["plan_layer", "plan_for", "all_plans", "dense_cost", "ORDERS_ALL", "dtype_name", "PLAN_TIE", "activation_permutes"]
+__all__ = ["plan_layer", "plan_for", "all_plans", "dense_cost", "ORDERS_ALL", "dtype_name", "PLAN_TIE",
+           "activation_permutes"]
 
 ORDERS_ALL = ("xab", "xba", "fold")
 _ITEMSIZE = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
@@ -302,7 +303,9 @@ def dense_cost(d_in: int, d_out: int, tokens: int, dtype="float32", profile: Dev
 @lru_cache(maxsize=2048)
 def plan_layer(sizes: Sizes, tokens: int, dtype: str = "float32", profile: DeviceProfile | None = None,
                orders: tuple[str, ...] = ORDERS_ALL) -> Plan:
-    """The cheapest plan for a layer of ``sizes`` over ``tokens`` input vectors (cached per signature).
+    """The cheapest plan for a layer of ``sizes`` over ``tokens`` input vectors (cached per signature); for a
+    graph backend (a profile without free strided views), the plan with the fewest activation permutes among
+    those predicted within `PLAN_TIE` of the cheapest.
 
     Args:
         sizes: resolved layer sizes (``EinsumLinear.sizes``).
