@@ -26,7 +26,8 @@
     split_before_gemms  a token split and batch-axis Transpose after a batched GEMM moved before it, the core
                       broadcast (`einfx.export.early_splits`): a head-aligned key's split meets the Transpose
                       between its cores; merge_relayouts runs again after these two
-    transpose_pairs   Transpose followed by Transpose becomes one Transpose, or nothing when they cancel
+    transpose_pairs   Transpose followed by Transpose becomes one Transpose, or nothing when they cancel; a
+                      Transpose that keeps every axis in place goes
     orient_gemms      each chain of constant-core batched GEMMs computed the way round (y = C·X or yᵀ = Xᵀ·Cᵀ)
                       whose Transposes cost least, priced by the entries they move and whether the last axis
                       moves (`einfx.export.orientation`): the swap between a BTT MLP's fc1 and fc2 disappears
@@ -36,8 +37,8 @@
                       8 x 128 x 384 on the project's host (Xeon with AVX-512, onnxruntime 1.32, 2 threads),
                       so whether to keep it is timed (`einfx.export.pass_choice`)
     store_layouts     each weight stored in the layout its reader takes: a chain of Reshapes and Transposes of
-                      an initializer becomes the initializer it computes, and identity Transposes go
-                      (`einfx.export.stored_layouts`): every GEMM reads a constant, pre-transposed weight
+                      an initializer becomes the initializer it computes (`einfx.export.stored_layouts`): every
+                      GEMM reads a constant, pre-transposed weight
     prune             drop nodes and initializers nothing reads
 
 Constant right operands are evaluated with numpy through the weight-side ops the exporter emits (Reshape,
@@ -169,13 +170,19 @@ def fuse_siblings(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 
 def transpose_pairs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """Transpose(Transpose(x, p), q) -> Transpose(x, p∘q), or x when the composition is the identity (only
-    where the inner Transpose has no other reader)."""
+    where the inner Transpose has no other reader); a lone Transpose that keeps every axis in place (a flip in
+    merge_relayouts can leave one) is x too. Graph outputs stay."""
     model = copy_model(model)
     graph = model.graph
     producer, readers, outputs, _ = graph_index(graph)
     mapping, drop, count = {}, set(), 0
     for node in graph.node:
         if node.op_type != "Transpose":
+            continue
+        if perm_of(node) == sorted(perm_of(node) or [None]) and node.output[0] not in outputs:
+            mapping[node.output[0]] = mapping.get(node.input[0], node.input[0])
+            drop.add(id(node))
+            count += 1
             continue
         inner = producer.get(node.input[0])
         if inner is None or inner.op_type != "Transpose" or len(readers[inner.output[0]]) != 1 \

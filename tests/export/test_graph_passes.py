@@ -9,6 +9,7 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
 from torch import nn
 
 import einfx
@@ -281,3 +282,19 @@ def test_gate_and_up_of_a_zoo_llama_fuse_exactly(tmp_path):
         with torch.no_grad():
             want = opt(**example).last_hidden_state.numpy()
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max(), err_msg=runtime)
+
+
+def test_transpose_pairs_drops_identity_transposes_unless_they_make_a_graph_output():
+    nodes = [helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("Transpose", ["r"], ["t"], perm=[0, 1, 2]),  # a lone identity: read through
+             helper.make_node("Relu", ["t"], ["z"]),
+             helper.make_node("Transpose", ["z"], ["y"], perm=[0, 1, 2])]  # a graph output: stays
+    graph = helper.make_graph(nodes, "identities", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 6])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    out, count = transpose_pairs(model)
+    assert count == 1 and [n.output[0] for n in out.graph.node if n.op_type == "Transpose"] == ["y"]
+    assert next(n for n in out.graph.node if n.output[0] == "z").input[0] == "r"
+    x = np.random.default_rng(2).standard_normal((1, 3, 6)).astype(np.float32)
+    np.testing.assert_array_equal(ReferenceEvaluator(out).run(None, {"x": x})[0],
+                                  ReferenceEvaluator(model).run(None, {"x": x})[0])

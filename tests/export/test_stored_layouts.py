@@ -1,6 +1,6 @@
 """store_layouts stores each weight in the layout its GEMM reads (exact, never growing the file), leaves a weight
-with other readers alone, drops identity Transposes, and leaves a low-rank export with no Transpose of a
-weight and none of an activation beyond dense's."""
+with other readers alone, and leaves a low-rank export with no Transpose of a weight and none of an activation
+beyond dense's."""
 
 from __future__ import annotations
 
@@ -22,11 +22,10 @@ from einfx.export.stored_layouts import store_layouts
 INSTALLED = [r for r in RUNTIMES if available(r)]
 
 
-def _model(extra_reader: str | None = None, identity: bool = False) -> onnx.ModelProto:
+def _model(extra_reader: str | None = None) -> onnx.ModelProto:
     """x (n, 6) @ relaid(W) where W (1, 6, 4, 1) -> Reshape (6, 4) -> Transpose (1, 0) -> Reshape (1, 4, 6)
     -> Transpose (0, 2, 1) -> (1, 6, 4); ``extra_reader``: "initializer" adds Relu(W) as a second output,
-    "middle" adds Relu of the chain's first Transpose, "twice" a second chain from W to another GEMM;
-    ``identity`` puts an identity Transpose on the GEMM's output."""
+    "middle" adds Relu of the chain's first Transpose, "twice" a second chain from W to another GEMM."""
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal((1, 6, 4, 1)).astype(np.float32), "W"),
              numpy_helper.from_array(np.array([6, 4], np.int64), "s2"),
@@ -36,8 +35,7 @@ def _model(extra_reader: str | None = None, identity: bool = False) -> onnx.Mode
              helper.make_node("Reshape", ["wt", "s3"], ["w3"]),
              helper.make_node("Transpose", ["w3"], ["w"], perm=[0, 2, 1]),
              helper.make_node("MatMul", ["x", "w"], ["y0"]),
-             helper.make_node("Transpose" if identity else "Identity", ["y0"], ["y"],
-                              **({"perm": [0, 1, 2]} if identity else {}))]
+             helper.make_node("Identity", ["y0"], ["y"])]
     outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "n", 4])]
     if extra_reader == "initializer":
         nodes.append(helper.make_node("Relu", ["W"], ["z"]))
@@ -88,20 +86,6 @@ def test_a_chain_that_makes_a_graph_output_is_left_alone():
     model.graph.output.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, [1, 6, 4]))
     out, removed = store_layouts(model)
     assert removed == 0 and out is model
-
-
-def test_identity_transposes_are_dropped_unless_they_make_a_graph_output():
-    model = _model(identity=True)
-    model.graph.node.append(helper.make_node("Transpose", ["y"], ["y2"], perm=[0, 1, 2]))
-    model.graph.node.append(helper.make_node("Transpose", ["y2"], ["y3"], perm=[0, 1, 2]))
-    model.graph.output.append(helper.make_tensor_value_info("y3", TensorProto.FLOAT, None))
-    out, _ = store_layouts(model)
-    # y and y3 are graph outputs, so their identity Transposes stay; y2 is read through
-    names = {n.output[0]: n for n in out.graph.node if n.op_type == "Transpose"}
-    assert set(names) == {"y", "y3"} and names["y3"].input[0] == "y"
-    x = np.random.default_rng(2).standard_normal((1, 3, 6)).astype(np.float32)
-    for got, want in zip(ReferenceEvaluator(out).run(None, {"x": x}), ReferenceEvaluator(model).run(None, {"x": x})):
-        np.testing.assert_array_equal(got, want)
 
 
 D = 384  # weights this large are left to einfx by the exporter's own constant folding
